@@ -3,3 +3,6 @@
 from __future__ import annotations
 
 from pipeline.cli import app
+from pipeline.ground import ground
+
+app.command("ground")(ground)
