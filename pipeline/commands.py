@@ -4,5 +4,7 @@ from __future__ import annotations
 
 from pipeline.cli import app
 from pipeline.ground import ground
+from pipeline.parse_captions import parse_captions_command
 
+app.command("parse-captions")(parse_captions_command)
 app.command("ground")(ground)

