@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli import app
+from pipeline.evaluate import evaluate
 from pipeline.ground import ground
 from pipeline.parse_captions import parse_captions_command
+from pipeline.train_student import train_student
 
 app.command("parse-captions")(parse_captions_command)
 app.command("ground")(ground)
+app.command("train-student")(train_student)
+app.command("eval")(evaluate)

@@ -1,0 +1,355 @@
+"""GLIP's training losses: ATSS assignment, token focal loss, GIoU, centerness (SPEC section 6).
+
+Reproduces `ATSSLossComputation` of the official `modeling/rpn/loss.py` for the settings every
+GLIP config uses (dot-product token loss on, one anchor per location, TOPK 9):
+
+* ATSS assignment per image: the 9 anchors per level whose centres are nearest a GT's centre
+  are candidates; the IoU threshold is mean + std (unbiased) of the candidates' IoUs ("+1"
+  areas, `boxlist_iou`); positives are candidates at or above it whose centre lies inside the
+  GT (min(l, t, r, b) > 0.01); an anchor claimed by several GTs takes the highest-IoU one.
+* `loss_dot_product_token`: binary sigmoid focal loss (alpha 0.25, gamma 2) on the
+  dot-product logits of every anchor and every non-padded token. A positive anchor's target
+  row is the binarised positive-map row of its GT; a negative anchor's row is zero except the
+  "no object" slot 255 (official quirk: it only matters when the prompt fills all 256
+  tokens, otherwise the text mask removes it). Summed, divided by max(positives averaged
+  over workers, 1).
+* `loss_reg`: GIoU loss between the boxes decoded from the predicted and the target deltas
+  (legacy "+1" decode), weighted by the centerness targets, divided by their sum averaged over
+  workers, times REG_LOSS_WEIGHT 2.0.
+* `loss_centerness`: BCE-with-logits (sum) against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)),
+  divided by the same positive count.
+
+The 80-class `cls_logits` focal loss of the official code is multiplied by 0 there and is
+left out here. Everything is computed in float32 (the official `custom_fwd(cast_inputs=
+float32)`), so bf16 autocast outside does not change the loss arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.box_coder import BoxCoder
+
+# The official code marks "not assigned" with -INF in its IoU table.
+_INF = 1e8
+
+
+def legacy_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """IoU [N, M] of xyxy boxes with "+1" widths and heights (maskrcnn_benchmark `boxlist_iou`)."""
+    area_a = (boxes_a[:, 2] - boxes_a[:, 0] + 1) * (boxes_a[:, 3] - boxes_a[:, 1] + 1)  # [N]
+    area_b = (boxes_b[:, 2] - boxes_b[:, 0] + 1) * (boxes_b[:, 3] - boxes_b[:, 1] + 1)  # [M]
+    top_left = torch.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])  # [N, M, 2]
+    bottom_right = torch.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])  # [N, M, 2]
+    size = (bottom_right - top_left + 1).clamp(min=0)
+    inter = size[..., 0] * size[..., 1]  # [N, M]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def atss_assign(anchors_per_level: Sequence[Tensor], gt_boxes: Tensor, *, topk: int = 9) -> Tensor:
+    """Index of the GT each anchor is assigned to, -1 for negatives.
+
+    anchors_per_level: per level [A_l, 4] xyxy anchors (padded-input pixels), in the order the
+    head's outputs are flattened (P3..P7, row-major). gt_boxes: [G, 4] xyxy in the same frame.
+    Returns [sum A_l] int64.
+    """
+    anchors = torch.cat(list(anchors_per_level), dim=0).float()  # [A, 4]
+    num_anchors = anchors.shape[0]
+    num_gt = gt_boxes.shape[0]
+    assigned = torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
+    if num_gt == 0:
+        return assigned
+    gt_boxes = gt_boxes.float().to(anchors.device)
+    ious = legacy_box_iou(anchors, gt_boxes)  # [A, G]
+
+    gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2.0  # [G, 2]
+    anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2.0  # [A, 2]
+    distances = (anchor_centres[:, None, :] - gt_centres[None, :, :]).pow(2).sum(-1).sqrt()  # [A, G]
+
+    candidates = []
+    start = 0
+    for level_anchors in anchors_per_level:
+        end = start + level_anchors.shape[0]
+        k = min(topk, end - start)
+        _, nearest = distances[start:end].topk(k, dim=0, largest=False)  # [k, G]
+        candidates.append(nearest + start)
+        start = end
+    candidate_idxs = torch.cat(candidates, dim=0)  # [K, G]
+
+    gt_index = torch.arange(num_gt, device=anchors.device)
+    candidate_ious = ious[candidate_idxs, gt_index[None, :]]  # [K, G]
+    threshold = candidate_ious.mean(0) + candidate_ious.std(0)  # [G], unbiased std as official
+    is_pos = candidate_ious >= threshold[None, :]
+
+    # The anchor centre must lie inside the GT (strictly, by more than 0.01 px).
+    centre_x = anchor_centres[candidate_idxs, 0]  # [K, G]
+    centre_y = anchor_centres[candidate_idxs, 1]
+    inside = torch.stack(
+        (
+            centre_x - gt_boxes[None, :, 0],
+            centre_y - gt_boxes[None, :, 1],
+            gt_boxes[None, :, 2] - centre_x,
+            gt_boxes[None, :, 3] - centre_y,
+        ),
+        dim=0,
+    ).amin(dim=0) > 0.01
+    is_pos = is_pos & inside
+
+    # An anchor that is a positive candidate of several GTs keeps the highest IoU (first on ties).
+    claimed = torch.full_like(ious, -_INF)  # [A, G]
+    pos_anchor = candidate_idxs[is_pos]
+    pos_gt = gt_index[None, :].expand_as(candidate_idxs)[is_pos]
+    claimed[pos_anchor, pos_gt] = ious[pos_anchor, pos_gt]
+    best_iou, best_gt = claimed.max(dim=1)  # [A]
+    return torch.where(best_iou > -_INF, best_gt, assigned)
+
+
+def centerness_targets(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
+    """FCOS centerness [P] of each anchor centre w.r.t. its GT box: both [P, 4] xyxy."""
+    centre_x = (anchors[:, 2] + anchors[:, 0]) / 2
+    centre_y = (anchors[:, 3] + anchors[:, 1]) / 2
+    left = centre_x - gt_boxes[:, 0]
+    top = centre_y - gt_boxes[:, 1]
+    right = gt_boxes[:, 2] - centre_x
+    bottom = gt_boxes[:, 3] - centre_y
+    horizontal = torch.minimum(left, right) / torch.maximum(left, right)
+    vertical = torch.minimum(top, bottom) / torch.maximum(top, bottom)
+    return torch.sqrt(horizontal * vertical)
+
+
+def token_sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, text_mask: Tensor | None = None, *, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Summed binary focal loss over (anchor, token) pairs of non-padded tokens.
+
+    logits, targets: [B, A, L] (targets 0/1); text_mask: [B, L] (nonzero = real token) or None.
+    Official `token_sigmoid_binary_focal_loss` followed by `.sum()`.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"token focal loss: logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
+    targets = targets.to(logits.dtype)
+    if text_mask is not None:
+        keep = (text_mask > 0)[:, None, :].expand_as(logits)  # [B, A, L]
+        logits = logits[keep]
+        targets = targets[keep]
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum()
+
+
+def giou_loss(
+    pred_deltas: Tensor,
+    target_deltas: Tensor,
+    anchors: Tensor,
+    *,
+    box_coder: BoxCoder,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Summed (optionally weighted) 1 - GIoU of the boxes the deltas decode to.
+
+    pred_deltas, target_deltas, anchors: [P, 4]; weight: [P] or None. As the official
+    `GIoULoss`: predicted x2/y2 are raised to at least x1/y1, areas have no "+1", 1e-7 guards
+    the union and the enclosing area, and an all-zero weight falls back to the unweighted sum.
+    """
+    pred = box_coder.decode(pred_deltas, anchors)
+    gt = box_coder.decode(target_deltas, anchors)
+    px1, py1 = pred[:, 0], pred[:, 1]
+    px2 = torch.maximum(px1, pred[:, 2])
+    py2 = torch.maximum(py1, pred[:, 3])
+    pred_area = (px2 - px1) * (py2 - py1)
+    gx1, gy1, gx2, gy2 = gt.unbind(dim=1)
+    gt_area = (gx2 - gx1) * (gy2 - gy1)
+
+    ix1, iy1 = torch.maximum(px1, gx1), torch.maximum(py1, gy1)
+    ix2, iy2 = torch.minimum(px2, gx2), torch.minimum(py2, gy2)
+    overlaps = (ix2 > ix1) & (iy2 > iy1)
+    inter = torch.where(overlaps, (ix2 - ix1) * (iy2 - iy1), torch.zeros_like(ix1))
+
+    enclosing = (torch.maximum(px2, gx2) - torch.minimum(px1, gx1)) * (
+        torch.maximum(py2, gy2) - torch.minimum(py1, gy1)
+    ) + 1e-7
+    union = pred_area + gt_area - inter + 1e-7
+    giou = inter / union - (enclosing - union) / enclosing
+    losses = 1 - giou
+    if weight is not None and float(weight.sum()) > 0:
+        return (losses * weight).sum()
+    return losses.sum()
+
+
+def _average_over_workers(value: float, device: torch.device) -> float:
+    """Sum over the distributed workers divided by their count (official `reduce_sum` / world)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        return float(total.item()) / torch.distributed.get_world_size()
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AssignedTargets:
+    """ATSS targets of a batch, flattened image-major over all anchors (B * A rows).
+
+    assigned: [B*A] int64 GT index within its image, -1 for negatives; boxes: [B*A, 4] xyxy GT
+    matched to each anchor (zeros for negatives); token_targets: [B, A, L] float 0/1.
+    """
+
+    assigned: Tensor
+    boxes: Tensor
+    token_targets: Tensor
+
+
+class GLIPLoss:
+    """The official VLDyHead training losses for a batch.
+
+    Call with the head's outputs and per-image targets; returns a dict with keys
+    `loss_reg` (already x reg_loss_weight), `loss_centerness`, `loss_dot_product_token`
+    (already x token_loss_weight) and `num_positives` (a detached count for logging).
+    Their sum (without `num_positives`) is the official total loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        topk: int = 9,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        reg_loss_weight: float = 2.0,
+        token_loss_weight: float = 1.0,
+        no_object_slot: int | None = 255,
+        box_coder: BoxCoder | None = None,
+    ) -> None:
+        self.topk = topk
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.reg_loss_weight = reg_loss_weight
+        self.token_loss_weight = token_loss_weight
+        self.no_object_slot = no_object_slot
+        self.box_coder = box_coder or BoxCoder()
+
+    def assign(
+        self, anchors: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], num_tokens: int
+    ) -> AssignedTargets:
+        """ATSS targets for every image (see `AssignedTargets`).
+
+        targets: per image dict(boxes [G, 4] xyxy in the padded-input frame, positive_map
+        [G, L'] with L' >= the tokens that carry a span; any nonzero entry is positive).
+        """
+        device = anchors[0].device
+        num_anchors = sum(level.shape[0] for level in anchors)
+        assigned_all, boxes_all, tokens_all = [], [], []
+        for index, target in enumerate(targets):
+            gt_boxes = target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            positive_map = target["positive_map"].to(device)
+            if positive_map.shape[0] != gt_boxes.shape[0]:
+                raise ValueError(
+                    f"image {index}: {gt_boxes.shape[0]} boxes but {positive_map.shape[0]} positive-map rows"
+                )
+            token_rows = _fit_width((positive_map > 0).to(torch.float32), num_tokens)  # [G, L]
+            assigned = atss_assign(anchors, gt_boxes, topk=self.topk)  # [A]
+            positive = assigned >= 0
+            tokens = torch.zeros((num_anchors, num_tokens), dtype=torch.float32, device=device)
+            if self.no_object_slot is not None and self.no_object_slot < num_tokens:
+                tokens[~positive, self.no_object_slot] = 1.0
+            boxes = torch.zeros((num_anchors, 4), dtype=torch.float32, device=device)
+            if bool(positive.any()):
+                tokens[positive] = token_rows[assigned[positive]]
+                boxes[positive] = gt_boxes[assigned[positive]]
+            assigned_all.append(assigned)
+            boxes_all.append(boxes)
+            tokens_all.append(tokens)
+        return AssignedTargets(
+            assigned=torch.cat(assigned_all), boxes=torch.cat(boxes_all), token_targets=torch.stack(tokens_all)
+        )
+
+    def __call__(
+        self,
+        *,
+        box_regression: Sequence[Tensor],
+        centerness: Sequence[Tensor],
+        dot_product_logits: Sequence[Tensor],
+        anchors: Sequence[Tensor],
+        targets: Sequence[Mapping[str, Tensor]],
+        text_mask: Tensor,
+    ) -> dict[str, Tensor]:
+        """Losses of a batch.
+
+        box_regression: per level [B, 4, H, W]; centerness: per level [B, 1, H, W];
+        dot_product_logits: per level [B, H*W, L]; anchors: per level [H*W, 4] xyxy (shared by
+        the batch); targets: per image dict(boxes [G, 4], positive_map [G, >=L]);
+        text_mask: [B, L] attention mask of the prompt tokens.
+        """
+        batch = box_regression[0].shape[0]
+        if len(targets) != batch:
+            raise ValueError(f"GLIPLoss: {len(targets)} targets for a batch of {batch}")
+        logits = torch.cat([level.float() for level in dot_product_logits], dim=1)  # [B, A, L]
+        num_tokens = logits.shape[2]
+        if text_mask.shape != (batch, num_tokens):
+            raise ValueError(f"GLIPLoss: text_mask {tuple(text_mask.shape)} vs logits {tuple(logits.shape)}")
+        regression = torch.cat(
+            [level.float().permute(0, 2, 3, 1).reshape(batch, -1, 4) for level in box_regression], dim=1
+        ).reshape(-1, 4)  # [B*A, 4]
+        centerness_logits = torch.cat(
+            [level.float().permute(0, 2, 3, 1).reshape(batch, -1) for level in centerness], dim=1
+        ).reshape(-1)  # [B*A]
+        flat_anchors = torch.cat(list(anchors), dim=0).float().repeat(batch, 1)  # [B*A, 4]
+
+        assigned = self.assign(anchors, targets, num_tokens)
+        positive = torch.nonzero(assigned.assigned >= 0).squeeze(1)
+        device = logits.device
+        num_pos_avg = max(_average_over_workers(positive.numel(), device), 1.0)
+
+        token_loss = (
+            token_sigmoid_focal_loss(
+                logits, assigned.token_targets.to(device), text_mask.to(device),
+                alpha=self.focal_alpha, gamma=self.focal_gamma,
+            )
+            / num_pos_avg
+        )
+
+        pred = regression[positive]
+        pred_centerness = centerness_logits[positive]
+        if positive.numel() > 0:
+            pos_anchors = flat_anchors[positive]
+            target_deltas = self.box_coder.encode(assigned.boxes[positive], pos_anchors)
+            # Official: centerness from the GT decoded back from its deltas (a round trip).
+            ctr_targets = centerness_targets(self.box_coder.decode(target_deltas, pos_anchors), pos_anchors)
+            ctr_sum_avg = _average_over_workers(float(ctr_targets.sum()), device)
+            reg_loss = (
+                giou_loss(pred, target_deltas, pos_anchors, box_coder=self.box_coder, weight=ctr_targets)
+                / ctr_sum_avg
+            )
+            centerness_loss = (
+                F.binary_cross_entropy_with_logits(pred_centerness, ctr_targets, reduction="sum") / num_pos_avg
+            )
+        else:
+            # Keep the collective in step with workers that do have positives, and the graph
+            # connected (zero gradients) as the official code does.
+            _average_over_workers(0.0, device)
+            reg_loss = pred.sum()
+            centerness_loss = pred_centerness.sum()
+        return {
+            "loss_reg": reg_loss * self.reg_loss_weight,
+            "loss_centerness": centerness_loss,
+            "loss_dot_product_token": token_loss * self.token_loss_weight,
+            "num_positives": torch.tensor(float(positive.numel())),
+        }
+
+
+def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
+    """Sum of the `loss_*` entries of a `GLIPLoss` result."""
+    return sum(value for key, value in losses.items() if key.startswith("loss_"))
+
+
+def _fit_width(rows: Tensor, width: int) -> Tensor:
+    """Cut or zero-pad [G, L'] rows to [G, width]: positions past the logits' width carry no token."""
+    if rows.shape[1] >= width:
+        return rows[:, :width]
+    return F.pad(rows, (0, width - rows.shape[1]))

@@ -1,0 +1,325 @@
+"""`pipeline eval`: zero-shot COCO detection AP of a GLIP checkpoint, and pseudo-label quality.
+
+Model evaluation follows GLIP's COCO protocol (`engine/inference.py`): the prompt is the
+dataset's class names in category-id order, "person. bicycle. car. ..." (split into several
+prompts when they exceed 256 tokens, as LVIS chunked evaluation does); each detection's phrase
+is its category; boxes go to pycocotools as [x, y, x1 - x0 + 1, y1 - y0 + 1] (the official
+`BoxList.convert("xywh")`), up to 100 per image; the table is COCOeval's AP, AP50, AP75,
+APs, APm, APl.
+
+The same scoring function, `score_boxes`, rates pseudo-labels against gold boxes when the
+gold exists: class-agnostic AP plus precision and recall at IoU 0.5 (greedy one-to-one
+matching by descending score, the way COCOeval matches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import typer
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class EvalError(ValueError):
+    """Evaluation input that cannot be used (names the file and the reason)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """COCOeval summary (fractions in [0, 1]; -1 where a size range has no gold box) plus
+    precision/recall at IoU 0.5, and the counts they come from."""
+
+    ap: dict[str, float]
+    precision50: float
+    recall50: float
+    num_predictions: int
+    num_gold: int
+    num_images: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            **self.ap,
+            "precision50": self.precision50,
+            "recall50": self.recall50,
+            "num_predictions": self.num_predictions,
+            "num_gold": self.num_gold,
+            "num_images": self.num_images,
+        }
+
+
+def load_gold(annotations: str | Path):
+    """pycocotools COCO object of an instances JSON, quietly (it prints on load)."""
+    from pycocotools.coco import COCO
+
+    path = Path(annotations)
+    if not path.is_file():
+        raise EvalError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path}: not valid JSON: {exc}") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise EvalError(f"{path}: not a COCO detection file (no '{key}')")
+    gold = COCO()
+    gold.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        gold.createIndex()
+    return gold
+
+
+def xyxy_to_coco(box: Sequence[float]) -> list[float]:
+    """Legacy xyxy -> COCO [x, y, w, h] with the "+1" width of `BoxList.convert("xywh")`."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+def _class_agnostic(gold):
+    """A copy of `gold` where every box has category 1."""
+    from pycocotools.coco import COCO
+
+    data = dict(gold.dataset)
+    data["annotations"] = [{**a, "category_id": 1} for a in gold.dataset["annotations"]]
+    data["categories"] = [{"id": 1, "name": "object"}]
+    agnostic = COCO()
+    agnostic.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        agnostic.createIndex()
+    return agnostic
+
+
+def _iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [N, M] of COCO boxes (pycocotools' plain-area convention)."""
+    from pycocotools import mask as mask_utils
+
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask_utils.iou(a.tolist(), b.tolist(), [0] * len(b)))
+
+
+def precision_recall_at(gold, predictions: Sequence[dict], *, iou: float = 0.5, class_agnostic: bool) -> tuple[float, float]:
+    """Greedy one-to-one matching per image (and category unless class-agnostic), predictions
+    by descending score; crowd gold boxes neither count as misses nor make matches."""
+    matched_pred = 0
+    matched_gold = 0
+    total_gold = 0
+    by_image: dict[int, list[dict]] = {}
+    for prediction in predictions:
+        by_image.setdefault(int(prediction["image_id"]), []).append(prediction)
+    for image_id in gold.getImgIds():
+        anns = [a for a in gold.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        total_gold += len(anns)
+        preds = sorted(by_image.get(image_id, []), key=lambda p: -p["score"])
+        if not preds or not anns:
+            continue
+        ious = _iou_xywh(np.asarray([p["bbox"] for p in preds]), np.asarray([a["bbox"] for a in anns]))
+        if not class_agnostic:
+            same = np.asarray([[p["category_id"] == a["category_id"] for a in anns] for p in preds])
+            ious = np.where(same, ious, 0.0)
+        taken = np.zeros(len(anns), dtype=bool)
+        for row in ious:
+            candidates = np.where(~taken & (row >= iou), row, -1.0)
+            best = int(candidates.argmax())
+            if candidates[best] >= iou:
+                taken[best] = True
+                matched_pred += 1
+        matched_gold += int(taken.sum())
+    precision = matched_pred / len(predictions) if predictions else 0.0
+    recall = matched_gold / total_gold if total_gold else 0.0
+    return precision, recall
+
+
+def score_boxes(gold, predictions: Sequence[dict], *, class_agnostic: bool = False) -> EvalResult:
+    """Rate predictions against gold boxes.
+
+    gold: pycocotools COCO; predictions: dicts with image_id, category_id, bbox COCO
+    [x, y, w, h], score. Only images of `gold` are scored. class_agnostic: every box is one
+    class (pseudo-labels name free phrases, not the gold categories).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    image_ids = set(gold.getImgIds())
+    predictions = [p for p in predictions if int(p["image_id"]) in image_ids]
+    if class_agnostic:
+        gold = _class_agnostic(gold)
+        predictions = [{**p, "category_id": 1} for p in predictions]
+    num_gold = sum(1 for a in gold.dataset["annotations"] if not a.get("iscrowd", 0))
+    precision, recall = precision_recall_at(gold, predictions, class_agnostic=class_agnostic)
+    if predictions:
+        with contextlib.redirect_stdout(io.StringIO()):
+            detections = gold.loadRes([dict(p) for p in predictions])
+            evaluator = COCOeval(gold, detections, iouType="bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        ap = {key: float(value) for key, value in zip(AP_KEYS, evaluator.stats[:6])}
+    else:
+        ap = {key: 0.0 for key in AP_KEYS}
+    return EvalResult(
+        ap=ap,
+        precision50=precision,
+        recall50=recall,
+        num_predictions=len(predictions),
+        num_gold=num_gold,
+        num_images=len(image_ids),
+    )
+
+
+def evaluate_model(
+    predictor,
+    annotations: str | Path,
+    images: str | Path,
+    *,
+    batch_size: int = 2,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Zero-shot COCO detection of a `GLIPPredictor` (class names as the prompt)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from model.text import detection_prompt
+
+    gold = load_gold(annotations)
+    categories = sorted(gold.dataset["categories"], key=lambda c: c["id"])
+    category_ids = [int(c["id"]) for c in categories]
+    caption, spans = detection_prompt([c["name"] for c in categories])
+    image_infos = sorted(gold.dataset["images"], key=lambda i: i["id"])
+    if max_images is not None:
+        image_infos = image_infos[:max_images]
+        keep = {int(i["id"]) for i in image_infos}
+        gold = _subset(gold, keep)
+    predictions: list[dict] = []
+    started = time.perf_counter()
+    for start in range(0, len(image_infos), batch_size):
+        chunk = image_infos[start : start + batch_size]
+        pictures = []
+        for info in chunk:
+            path = Path(images) / info["file_name"]
+            try:
+                picture = Image.open(path)
+                pictures.append(picture.convert("RGB"))
+            except FileNotFoundError:
+                raise EvalError(f"{path}: image of image id {info['id']} not found") from None
+            except (UnidentifiedImageError, OSError) as exc:
+                raise EvalError(f"{path}: cannot be decoded: {exc}") from None
+        results = predictor.predict(pictures, [caption] * len(chunk), [spans] * len(chunk))
+        for info, detections in zip(chunk, results):
+            for box, score, phrase in zip(detections.boxes.tolist(), detections.scores.tolist(), detections.phrase_ids.tolist()):
+                predictions.append(
+                    {"image_id": int(info["id"]), "category_id": category_ids[phrase], "bbox": xyxy_to_coco(box), "score": float(score)}
+                )
+        if progress:
+            done = start + len(chunk)
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = (len(image_infos) - done) / rate
+            print(f"eval: {done}/{len(image_infos)} images, {rate:.2f} img/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+    return score_boxes(gold, predictions)
+
+
+def _subset(gold, image_ids: set[int]):
+    from pycocotools.coco import COCO
+
+    data = dict(gold.dataset)
+    data["images"] = [i for i in gold.dataset["images"] if int(i["id"]) in image_ids]
+    data["annotations"] = [a for a in gold.dataset["annotations"] if int(a["image_id"]) in image_ids]
+    subset = COCO()
+    subset.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        subset.createIndex()
+    return subset
+
+
+def pseudo_predictions(gold, pseudo_locations: Sequence[str], *, min_score: float = 0.0) -> list[dict]:
+    """Pseudo-label boxes as class-agnostic predictions on the gold images they label.
+
+    A pseudo sample matches a gold image when its key equals the image id (as text, leading
+    zeros ignored) or the image file's stem; samples without gold are left out.
+    """
+    from pipeline.train_data import list_pseudo_shards, read_pseudo_shard
+
+    by_name: dict[str, int] = {}
+    for info in gold.dataset["images"]:
+        by_name[str(int(info["id"]))] = int(info["id"])
+        by_name[Path(info["file_name"]).stem] = int(info["id"])
+    predictions = []
+    for shard in list_pseudo_shards(pseudo_locations):
+        for key, _, raw in read_pseudo_shard(shard):
+            sample = json.loads(raw)
+            name = str(sample.get("key", key))
+            image_id = by_name.get(name) or by_name.get(name.lstrip("0") or "0")
+            if image_id is None:
+                continue
+            for region in sample.get("grounding", {}).get("regions", []):
+                score = float(region.get("score", 1.0))
+                if score >= min_score:
+                    predictions.append({"image_id": image_id, "category_id": 1, "bbox": xyxy_to_coco(region["bbox"]), "score": score})
+    return predictions
+
+
+def format_table(result: EvalResult, *, title: str) -> str:
+    rows = [f"{title}", f"{'metric':<12}{'value':>8}"]
+    for key in AP_KEYS:
+        rows.append(f"{key:<12}{100 * result.ap[key]:>8.1f}")
+    rows.append(f"{'P@0.5':<12}{100 * result.precision50:>8.1f}")
+    rows.append(f"{'R@0.5':<12}{100 * result.recall50:>8.1f}")
+    rows.append(f"images {result.num_images}, gold boxes {result.num_gold}, predictions {result.num_predictions}")
+    return "\n".join(rows)
+
+
+def evaluate(
+    coco: Path = typer.Option(..., "--coco", help="COCO instances JSON with the gold boxes."),
+    model: Optional[Path] = typer.Option(None, "--model", help="GLIP checkpoint to evaluate zero-shot."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder of the COCO JSON (with --model)."),
+    pseudo: list[str] = typer.Option([], "--pseudo", help="Pseudo shard folder/tar to rate against the gold (repeatable)."),
+    min_score: float = typer.Option(0.0, help="With --pseudo: only regions scoring at least this."),
+    config: str = typer.Option("auto", help="auto (from the checkpoint) or a variant name."),
+    min_size: Optional[int] = typer.Option(None, help="Test-time short side (default: the checkpoint's, 800)."),
+    max_size: Optional[int] = typer.Option(None, help="Test-time long-side cap (default 1333)."),
+    batch_size: int = typer.Option(2, help="Images per forward."),
+    max_images: Optional[int] = typer.Option(None, help="Evaluate only the first N images (by id)."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (AP, AP50, AP75, APs, APm, APl, ...)."),
+) -> None:
+    """Zero-shot COCO AP of a checkpoint (--model), or pseudo-label precision/recall (--pseudo)."""
+    if (model is None) == (not pseudo):
+        raise typer.BadParameter("give either --model CKPT (with --images) or --pseudo DIR")
+    try:
+        if model is not None:
+            if images is None or not images.is_dir():
+                raise typer.BadParameter(f"--images {images}: image folder not found")
+            from model.checkpoint import CheckpointError
+            from model.predict import GLIPPredictor
+
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            try:
+                predictor = GLIPPredictor.from_checkpoint(
+                    str(model), config=config, device=device, min_size=min_size, max_size=max_size
+                )
+            except CheckpointError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=2) from None
+            result = evaluate_model(predictor, coco, images, batch_size=batch_size, max_images=max_images, progress=not as_json)
+            title = f"zero-shot COCO detection: {model.name} on {coco.name}"
+        else:
+            gold = load_gold(coco)
+            result = score_boxes(gold, pseudo_predictions(gold, pseudo, min_score=min_score), class_agnostic=True)
+            title = f"pseudo-labels vs gold ({coco.name}), class-agnostic"
+    except EvalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+    else:
+        typer.echo(format_table(result, title=title))

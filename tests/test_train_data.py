@@ -1,0 +1,395 @@
+"""Student training data: sources, mixing, augmentation with box/text consistency, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.text import load_tokenizer
+from model.train_targets import (
+    GroundingExample,
+    TrainingSample,
+    append_negative_phrases,
+    augment,
+    capped_positive_map,
+    collate,
+    detection_caption,
+    flip_boxes,
+    swap_left_right,
+    xywh_to_xyxy,
+)
+from pipeline.train_data import (
+    AugmentSettings,
+    CocoDetectionSource,
+    GroundingJsonSource,
+    MixedSampleStream,
+    OdvgSource,
+    PseudoShardStream,
+    SourceSpec,
+    TrainDataError,
+    TrainLoader,
+    list_pseudo_shards,
+)
+
+COCO = "coco_mini/annotations/instances_train2017_subset.json"
+IMAGES = "coco_mini/train2017"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def coco(shared_data: Path) -> dict:
+    return json.loads((shared_data / COCO).read_text())
+
+
+def _count(tokenizer):
+    return lambda text: len(tokenizer.tokenize(text))
+
+
+# -- caption flip -------------------------------------------------------------------------
+
+
+def test_swap_left_right_keeps_spans_on_their_phrases():
+    caption = "the man on the left holds a leftover bat. Right hand up, LEFT foot"
+    phrases = ["the man on the left", "a leftover bat", "Right hand", "LEFT foot"]
+    spans = [[(caption.index(p), caption.index(p) + len(p))] for p in phrases]
+    new_caption, new_spans = swap_left_right(caption, spans)
+    assert new_caption == "the man on the right holds a leftover bat. Left hand up, RIGHT foot"
+    assert [new_caption[s:e] for ((s, e),) in new_spans] == [
+        "the man on the right", "a leftover bat", "Left hand", "RIGHT foot",
+    ]
+    # A span boundary inside a swapped word snaps to the new word's boundary.
+    _, inner = swap_left_right("left", [[(1, 3)]])
+    assert inner == [[(0, 5)]]
+    assert swap_left_right("no sides here", [[(0, 2)]]) == ("no sides here", [[(0, 2)]])
+
+
+def test_flip_boxes_legacy_convention():
+    boxes = torch.tensor([[0.0, 5.0, 9.0, 20.0]])
+    # x' = W - x - 1: a 10-pixel box at the left edge of a 100-pixel image ends at the right edge.
+    assert flip_boxes(boxes, 100).tolist() == [[90.0, 5.0, 99.0, 20.0]]
+    assert flip_boxes(flip_boxes(boxes, 100), 100).tolist() == boxes.tolist()
+
+
+def test_augment_moves_boxes_with_pixels_and_caption_with_flip():
+    # A white box on the left third of a black image; the caption says "left".
+    image = Image.new("RGB", (300, 200))
+    image.paste((255, 255, 255), (20, 50, 80, 150))
+    caption = "a white square on the left"
+    example = GroundingExample(image=image, caption=caption, boxes=torch.tensor([[20.0, 50.0, 79.0, 149.0]]), spans=[[(0, 26)]])
+    flipped = augment(example, np.random.default_rng(0), min_sizes=(100,), max_size=1000, flip_probability=1.0)
+    assert tuple(flipped.image.shape) == (3, 100, 150)  # short side 100, long 150
+    assert flipped.caption == "a white square on the right"
+    assert flipped.caption[slice(*flipped.spans[0][0])] == "a white square on the right"
+    x0, y0, x1, y1 = flipped.boxes[0].tolist()
+    # Scaled by 0.5 then flipped in a 150-wide frame: [150 - 39.5 - 1, 25, 150 - 10 - 1, 74.5].
+    assert (x0, y0, x1, y1) == pytest.approx((109.5, 25.0, 139.0, 74.5))
+    # The bright pixels are where the box says (BGR-normalised: white is the maximum value).
+    bright = flipped.image[0] > flipped.image[0].mean()
+    ys, xs = torch.nonzero(bright, as_tuple=True)
+    assert xs.min() >= x0 - 1 and xs.max() <= x1 + 1 and ys.min() >= y0 - 1 and ys.max() <= y1 + 1
+    kept = augment(example, np.random.default_rng(0), min_sizes=(100,), max_size=1000, flip_probability=0.0)
+    assert kept.caption == caption and kept.boxes[0].tolist() == pytest.approx([10.0, 25.0, 39.5, 74.5])
+
+
+def test_augment_clips_and_drops_boxes_outside_the_image():
+    example = GroundingExample(
+        image=Image.new("RGB", (100, 100)),
+        caption="a b",
+        boxes=torch.tensor([[-10.0, 10.0, 50.0, 200.0], [120.0, 0.0, 130.0, 10.0]]),
+        spans=[[(0, 1)], [(2, 3)]],
+    )
+    out = augment(example, np.random.default_rng(1), min_sizes=(100,), max_size=100, flip_probability=0.0)
+    assert out.boxes.tolist() == [[0.0, 10.0, 50.0, 99.0]] and out.spans == [[(0, 1)]]
+
+
+# -- prompts ------------------------------------------------------------------------------
+
+
+def test_detection_caption_puts_every_positive_and_some_negatives(tokenizer, coco):
+    vocabulary = [c["name"] for c in coco["categories"]]
+    counts = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        names = ["dog", "person", "dog"]
+        caption, spans, keep = detection_caption(names, vocabulary, rng, count_tokens=_count(tokenizer))
+        assert keep == [True, True, True]
+        assert [caption[s:e] for ((s, e),) in spans] == names
+        classes = caption.split(". ")
+        assert len(classes) == len(set(classes))  # each class once, negatives exclude positives
+        assert {"dog", "person"} <= set(classes)
+        counts.append(len(classes) - 2)
+        assert len(tokenizer(caption)["input_ids"]) <= 256
+    # Half of the time all 78 other classes, otherwise a random number of them.
+    assert max(counts) == 78 and min(counts) < 78
+
+
+def test_detection_caption_respects_token_budget_with_a_large_vocabulary(tokenizer):
+    vocabulary = [f"object kind number {i}" for i in range(400)]
+    rng = np.random.default_rng(3)
+    caption, spans, keep = detection_caption([vocabulary[5]], vocabulary, rng, count_tokens=_count(tokenizer), max_negatives=400)
+    assert keep == [True] and caption[slice(*spans[0][0])] == vocabulary[5]
+    assert len(tokenizer(caption)["input_ids"]) <= 256
+
+
+def test_append_negative_phrases_stays_within_budget(tokenizer):
+    caption = "a dog on a couch"
+    many = [f"a red kite number {i}" for i in range(200)]
+    out = append_negative_phrases(caption, many, count_tokens=_count(tokenizer))
+    assert out.startswith(caption + ". a red kite number 0. ")
+    assert len(tokenizer(out)["input_ids"]) <= 256
+    assert append_negative_phrases(caption, [], count_tokens=_count(tokenizer)) == caption
+
+
+def test_spans_past_the_token_limit_are_dropped(tokenizer):
+    caption = "a cat. " + "word " * 300 + "a dog"
+    spans = [[(0, 5)], [(len(caption) - 5, len(caption))]]
+    positive_map = capped_positive_map(tokenizer, caption, spans, max_query_len=256)
+    assert positive_map[0, 1:3].tolist() == [1.0, 1.0] and positive_map[1].sum() == 0
+    sample = TrainingSample(image=torch.zeros((3, 64, 64)), caption=caption, boxes=torch.tensor([[1.0, 1, 9, 9], [2.0, 2, 8, 8]]), spans=spans)
+    batch = collate([sample], tokenizer)
+    assert batch.dropped_boxes == 1
+    assert batch.targets[0]["boxes"].tolist() == [[1.0, 1.0, 9.0, 9.0]]
+    assert batch.input_ids.shape == (1, 256) and batch.targets[0]["positive_map"].shape == (1, 256)
+
+
+def test_collate_pads_images_and_prompts(tokenizer):
+    samples = [
+        TrainingSample(image=torch.ones((3, 40, 70)), caption="a cat", boxes=torch.tensor([[0.0, 0, 9, 9]]), spans=[[(2, 5)]]),
+        TrainingSample(image=torch.ones((3, 64, 33)), caption="two dogs on grass", boxes=torch.zeros((0, 4)), spans=[]),
+    ]
+    batch = collate(samples, tokenizer)
+    assert batch.images.shape == (2, 3, 64, 96) and batch.image_sizes == [(40, 70), (64, 33)]
+    assert batch.input_ids.shape == (2, 6) and batch.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert batch.targets[0]["positive_map"].tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]  # "cat" is token 2
+    assert batch.targets[1]["boxes"].shape == (0, 4) and batch.targets[1]["positive_map"].shape == (0, 6)
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+def test_coco_source_reads_real_annotations(shared_data, coco):
+    source = CocoDetectionSource(annotations=str(shared_data / COCO), images=str(shared_data / IMAGES))
+    with_boxes = {a["image_id"] for a in coco["annotations"] if not a["iscrowd"]}
+    assert len(source) == len(with_boxes)
+    record = next(r for r in source.records if r.key == "249346")
+    assert record.box_names == ["bear"] and len(record.vocabulary) == 80
+    x, y, w, h = next(a["bbox"] for a in coco["annotations"] if a["image_id"] == 249346)
+    assert record.boxes[0].tolist() == pytest.approx([x, y, x + w - 1, y + h - 1])
+    assert Path(record.image).is_file()
+
+
+def test_coco_source_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    with pytest.raises(TrainDataError, match="bad.json: not a COCO detection file"):
+        CocoDetectionSource(annotations=str(bad), images=str(tmp_path))
+    with pytest.raises(TrainDataError, match="missing.json: file not found"):
+        CocoDetectionSource(annotations=str(tmp_path / "missing.json"), images=str(tmp_path))
+
+
+def _grounding_files(tmp_path: Path, coco: dict, image_ids: list[int]):
+    """GoldG JSON and ODVG JSONL built from real COCO boxes, captions naming the classes."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {i["id"]: i for i in coco["images"]}
+    gold = {"images": [], "annotations": []}
+    odvg_lines = []
+    for image_id in image_ids:
+        anns = [a for a in coco["annotations"] if a["image_id"] == image_id]
+        caption = " and ".join(f"a {names[a['category_id']]} on the left" for a in anns)
+        starts = [caption.index(f"a {names[a['category_id']]}") for a in anns]
+        gold["images"].append({**images[image_id], "caption": caption})
+        regions = []
+        for ann, start in zip(anns, starts):
+            span = [[start, start + 2 + len(names[ann["category_id"]])]]
+            gold["annotations"].append({"id": ann["id"], "image_id": image_id, "bbox": ann["bbox"], "tokens_positive": span, "category_id": 1})
+            x, y, w, h = ann["bbox"]
+            regions.append({"bbox": [x, y, x + w, y + h], "phrase": caption[span[0][0] : span[0][1]], "tokens_positive": span})
+        odvg_lines.append(json.dumps({"filename": images[image_id]["file_name"], "width": images[image_id]["width"], "height": images[image_id]["height"], "grounding": {"caption": caption, "regions": regions}}))
+    gold_path = tmp_path / "goldg.json"
+    gold_path.write_text(json.dumps(gold))
+    odvg_path = tmp_path / "odvg.jsonl"
+    odvg_path.write_text("\n".join(odvg_lines) + "\n")
+    return gold_path, odvg_path
+
+
+def test_grounding_and_odvg_sources(tmp_path, shared_data, coco):
+    gold_path, odvg_path = _grounding_files(tmp_path, coco, [84533, 37666])
+    gold = GroundingJsonSource(annotations=str(gold_path), images=str(shared_data / IMAGES))
+    odvg = OdvgSource(annotations=str(odvg_path), images=str(shared_data / IMAGES))
+    assert len(gold) == len(odvg) == 2
+    for record in (gold.records[0], odvg.records[0]):
+        assert [record.caption[s:e] for ((s, e),) in record.spans] == ["a motorcycle", "a person"]
+        assert record.phrases() == ["a motorcycle", "a person"]
+    # GoldG boxes are xywh (legacy xyxy has -1), ODVG boxes are xyxy as written.
+    assert gold.records[0].boxes[0, 2] == pytest.approx(odvg.records[0].boxes[0, 2] - 1)
+    detection = tmp_path / "det.jsonl"
+    detection.write_text(json.dumps({"filename": "000000000790.jpg", "detection": {"instances": [{"bbox": [1, 2, 30, 40], "label": 3}]}}) + "\n")
+    with pytest.raises(TrainDataError, match="det.jsonl: line 1: instance without 'category'"):
+        OdvgSource(annotations=str(detection), images=str(shared_data / IMAGES))
+    labelled = OdvgSource(annotations=str(detection), images=str(shared_data / IMAGES), label_map={"3": "car", "4": "bus"})
+    assert labelled.records[0].box_names == ["car"] and list(labelled.records[0].vocabulary) == ["car", "bus"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg", "caption": "a cat"}], "annotations": [{"image_id": 1, "bbox": [0, 0, 5, 5], "tokens_positive": [[2, 9]]}]}))
+    with pytest.raises(TrainDataError, match=r"broken.json: image 1: span \[2, 9\) is outside the 5-character caption"):
+        GroundingJsonSource(annotations=str(broken), images=str(tmp_path))
+
+
+def write_pseudo_shards(folder: Path, shared_data: Path, coco: dict, *, shards: int, per_shard: int) -> list[str]:
+    """Pseudo tars in the DESIGN.md format with real COCO images and their gold boxes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = sorted(coco["images"], key=lambda i: i["id"])
+    keys = []
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for slot in range(per_shard):
+                image = images[(shard * per_shard + slot) % len(images)]
+                key = f"{shard:05d}{slot:04d}"
+                anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]][:3]
+                caption = ", ".join(f"the {names[a['category_id']]}" for a in anns) or "nothing here"
+                regions, cursor = [], 0
+                for ann in anns:
+                    phrase = f"the {names[ann['category_id']]}"
+                    start = caption.index(phrase, cursor)
+                    cursor = start + len(phrase)
+                    x, y, w, h = ann["bbox"]
+                    regions.append({"bbox": [x, y, x + w, y + h], "phrase": phrase, "tokens_positive": [[start, cursor]], "score": 0.9})
+                sample = {"key": key, "width": image["width"], "height": image["height"],
+                          "grounding": {"caption": caption, "regions": regions},
+                          "teacher": {"checkpoint": "teacher.pth", "sha256": "0" * 64}, "filter": {"min_score": 0.5}}
+                for name, data in ((f"{key}.jpg", (shared_data / IMAGES / image["file_name"]).read_bytes()), (f"{key}.json", json.dumps(sample).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                keys.append(key)
+    return keys
+
+
+def test_pseudo_stream_shuffles_across_shards_and_covers_each_epoch(tmp_path, shared_data, coco):
+    keys = write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=4, per_shard=5)
+    shards = list_pseudo_shards([str(tmp_path / "pseudo")])
+    assert len(shards) == 4
+    stream = PseudoShardStream(shards=shards, seed=0, open_shards=3)
+    first_epoch = [stream.next_record().key for _ in range(20)]
+    assert sorted(first_epoch) == sorted(keys)  # every sample once per epoch
+    shard_of = [k[:5] for k in first_epoch]
+    switches = sum(a != b for a, b in zip(shard_of, shard_of[1:]))
+    assert switches >= 8  # interleaved, not shard after shard
+    assert first_epoch != sorted(first_epoch)
+    second_epoch = [stream.next_record().key for _ in range(20)]
+    assert sorted(second_epoch) == sorted(keys) and second_epoch != first_epoch
+    record = PseudoShardStream(shards=shards, seed=0).next_record()
+    assert record.caption[slice(*record.spans[0][0])].startswith("the ")
+    # Two workers split the shards: disjoint samples.
+    ranks = [PseudoShardStream(shards=shards, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    seen = [{s.next_record().key for _ in range(10)} for s in ranks]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 20
+
+
+def test_truncated_pseudo_shard_keeps_complete_samples(tmp_path, shared_data, coco):
+    write_pseudo_shards(tmp_path / "p", shared_data, coco, shards=1, per_shard=4)
+    path = tmp_path / "p" / "00000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    stream = PseudoShardStream(shards=[str(path)], seed=0)
+    keys = {stream.next_record().key for _ in range(6)}
+    assert 1 <= len(keys) < 4
+
+
+def _specs(tmp_path, shared_data, coco):
+    write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=3, per_shard=4)
+    gold_path, _ = _grounding_files(tmp_path, coco, [84533, 37666, 172123])
+    return [
+        SourceSpec(kind="pseudo", paths=(str(tmp_path / "pseudo"),), weight=2.0),
+        SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES), weight=1.0),
+        SourceSpec(kind="grounding", paths=(str(gold_path),), images=str(shared_data / IMAGES), weight=1.0),
+    ]
+
+
+def test_mixture_ratios_negatives_and_exact_resume(tmp_path, shared_data, coco, tokenizer):
+    specs = _specs(tmp_path, shared_data, coco)
+    stream = MixedSampleStream(specs=specs, tokenizer=tokenizer, seed=5)
+    planned = [stream.next_sample() for _ in range(400)]
+    counts = Counter(p.source for p in planned)
+    assert counts["pseudo"] / 400 == pytest.approx(0.5, abs=0.07)
+    assert counts["coco"] / 400 == pytest.approx(0.25, abs=0.07)
+    # Grounding captions got other samples' phrases appended (negatives: no box of their own).
+    grounded = [p for p in planned if p.source != "coco"]
+    extended = [p for p in grounded if p.caption != p.record.caption]
+    assert len(extended) > len(grounded) // 2
+    for p in extended:
+        assert p.caption.startswith(p.record.caption) and p.spans == p.record.spans
+    # COCO samples: spans name the classes of their boxes.
+    for p in (p for p in planned if p.source == "coco"):
+        assert len(p.spans) == len(p.boxes)
+        kept_names = [n for n in p.record.box_names if n in p.caption]
+        assert [p.caption[s:e] for ((s, e),) in p.spans] == [n.replace("_", " ") for n in kept_names]
+
+    # Resume: a fresh stream loaded with the state after 150 samples continues identically.
+    reference = MixedSampleStream(specs=specs, tokenizer=tokenizer, seed=5)
+    for _ in range(150):
+        reference.next_sample()
+    state = json.loads(json.dumps(reference.state_dict()))  # plain data only
+    resumed = MixedSampleStream(specs=specs, tokenizer=tokenizer, seed=5)
+    resumed.load_state_dict(state)
+    tail = [resumed.next_sample() for _ in range(250)]
+    assert [(p.record.key, p.caption, p.augment_seed) for p in tail] == [
+        (p.record.key, p.caption, p.augment_seed) for p in planned[150:]
+    ]
+    with pytest.raises(TrainDataError, match="cannot resume the data stream"):
+        MixedSampleStream(specs=specs[1:], tokenizer=tokenizer, seed=5).load_state_dict(state)
+
+
+def test_workers_split_indexable_sources(shared_data, tokenizer):
+    spec = [SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES))]
+    streams = [MixedSampleStream(specs=spec, tokenizer=tokenizer, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    size = len(streams[0].sources[0])
+    seen = [[s.next_sample().record.key for _ in range(size // 2)] for s in streams]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 2 * (size // 2)
+
+
+def test_loader_batches_and_skips_broken_images(tmp_path, shared_data, coco, tokenizer):
+    gold_path, _ = _grounding_files(tmp_path, coco, [84533, 37666])
+    data = json.loads(gold_path.read_text())
+    data["images"].append({**data["images"][0], "id": 1, "file_name": "broken.jpg"})
+    (tmp_path / "images").mkdir()
+    for image in data["images"][:2]:
+        (tmp_path / "images" / image["file_name"]).write_bytes((shared_data / IMAGES / image["file_name"]).read_bytes())
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    gold_path.write_text(json.dumps(data))
+    spec = [SourceSpec(kind="grounding", paths=(str(gold_path),), images=str(tmp_path / "images"))]
+    stream = MixedSampleStream(specs=spec, tokenizer=tokenizer, seed=0)
+    loader = TrainLoader(stream=stream, batch_size=3, settings=AugmentSettings(min_sizes=(128, 160), max_size=256))
+    batches = []
+    for loaded in loader:
+        batches.append(loaded)
+        if len(batches) == 4:
+            break
+    skipped = {k: v for b in batches for k, v in b.skipped.items()}
+    assert set(skipped) == {"1"} and "cannot be decoded" in skipped["1"]
+    for loaded in batches:
+        batch = loaded.batch
+        assert batch.images.shape[2] % 32 == 0 and max(batch.images.shape[2:]) <= 256
+        for target, (h, w) in zip(batch.targets, batch.image_sizes):
+            boxes = target["boxes"]
+            assert boxes.shape[0] == target["positive_map"].shape[0] >= 1
+            assert (boxes[:, 2] <= w - 1).all() and (boxes[:, 3] <= h - 1).all()
+    # Loader state = stream position after each batch.
+    assert [b.state["position"] for b in batches] == [3, 6, 9, 12]
+
+
+def test_xywh_to_xyxy_matches_boxlist_convert():
+    assert xywh_to_xyxy(torch.tensor([[10.0, 20.0, 5.0, 1.0]])).tolist() == [[10.0, 20.0, 14.0, 20.0]]
