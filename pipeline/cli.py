@@ -25,5 +25,7 @@ def _register() -> None:
 
 _register()
 
-if __name__ == "__main__":
-    app()
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the registered app, not this copy
+    from pipeline.cli import app as registered
+
+    registered()

@@ -26,6 +26,7 @@ from pipeline.phrases_file import SUFFIX, count_rows, phrases_table, read_phrase
 from pipeline.shard_report import ShardReport, ShardTask
 from pipeline.shards import CaptionColumns, ShardSource, discover_shards, read_caption_records
 from pipeline.stage import StageRun, run_stage
+from pipeline.stage_stats import print_summary
 
 STAGE = "parse-captions"
 NO_PHRASES = "no_phrases"  # parsed, but every phrase was filtered out (or there was none)
@@ -238,14 +239,8 @@ def parse_captions_command(
 
 
 def _print_summary(stats: dict[str, object], out: str) -> None:
-    shards = stats["shards"]
-    throughput = stats["throughput"]
-    assert isinstance(shards, dict) and isinstance(throughput, dict)
-    print(
-        f"parse-captions: {shards['written']} shard(s) written, {shards['already_done']} already done, "
-        f"{shards['failed']} failed; {stats['samples']:,} captions, {stats.get('parsed', 0):,} parsed, "
-        f"{stats.get('phrases', 0):,} phrases; {throughput['samples_per_s']:,} captions/s this run. "
-        f"Stats: {out.rstrip('/')}/_stats.json"
+    print_summary(
+        stats,
+        out,
+        counts=f"{stats['samples']:,} captions, {stats.get('parsed', 0):,} parsed, {stats.get('phrases', 0):,} phrases",
     )
-    for shard_id, reason in dict(shards["failed_shards"]).items():
-        print(f"warning: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)

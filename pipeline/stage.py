@@ -59,6 +59,9 @@ class StageRun:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     show_ray_progress: bool = False  # Ray Data's own progress bars (off: our lines are enough)
+    # Folder of the per-shard output markers when it is not `out` itself (pseudo-label writes
+    # `out/detections/` and `out/pseudo/`, the tar being the marker, and `out/_stats.json`).
+    marker_dir: str | None = None
 
 
 def plan_shards(shards: Sequence[ShardSource], *, out: str, suffix: str, overwrite: bool) -> ShardPlan:
@@ -100,7 +103,9 @@ def run_stage(
 ) -> dict[str, object]:
     """Run every pending shard on Ray, then write `_stats.json`; returns the stats dict."""
     storage.makedirs(run.out)
-    plan = plan_shards(shards, out=run.out, suffix=run.suffix, overwrite=run.overwrite)
+    markers = run.marker_dir or run.out
+    storage.makedirs(markers)
+    plan = plan_shards(shards, out=markers, suffix=run.suffix, overwrite=run.overwrite)
     stats = StageStats(
         stage=run.stage, inputs=inputs, out=run.out, total_shards=len(shards), settings=settings, versions=versions
     )

@@ -123,3 +123,19 @@ def write_stats(out: str, stats: dict[str, object]) -> str:
     uri = storage.join(out, STATS_FILE)
     storage.write_atomic(uri, (json.dumps(stats, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     return uri
+
+
+def print_summary(stats: dict[str, object], out: str, *, counts: str) -> None:
+    """One closing line for a stage run (`counts` says what was made), then a warning per failed shard."""
+    import sys
+
+    shards = stats["shards"]
+    throughput = stats["throughput"]
+    assert isinstance(shards, dict) and isinstance(throughput, dict)
+    print(
+        f"{stats['stage']}: {shards['written']} shard(s) written, {shards['already_done']} already done, "
+        f"{shards['failed']} failed; {counts}; {throughput['samples_per_s']:,} samples/s this run. "
+        f"Stats: {out.rstrip('/')}/_stats.json"
+    )
+    for shard_id, reason in dict(shards["failed_shards"]).items():
+        print(f"warning: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)

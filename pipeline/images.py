@@ -1,0 +1,97 @@
+"""Robust decoding of web images for the teacher: bytes -> an RGB PIL image, or a skip reason.
+
+Web shards hold every kind of file. `decode_rgb` turns what can be used into the RGB image the
+teacher sees, in the orientation a viewer shows (EXIF applied), and names what cannot:
+
+| reason          | what                                                              |
+| --------------- | ----------------------------------------------------------------- |
+| `not_an_image`  | bytes PIL does not recognise (HTML error pages, text, empty)      |
+| `truncated`     | a recognised image whose data ends early or is corrupt            |
+| `too_small`     | a side below `min_side` pixels (tracking pixels, icons)           |
+| `too_large`     | more than `max_pixels` pixels: a decompression bomb, never decoded |
+
+Modes: grayscale (L, 1, I, I;16, F) is scaled to 8 bits and repeated over three channels,
+CMYK and YCbCr are converted, palette and alpha images are composited on white (a transparent
+background is white on the web pages they come from). The sizes in the pseudo-label JSON are
+those of the returned image, i.e. after EXIF rotation, and the source bytes are kept unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MIN_SIDE = 8
+MAX_PIXELS = 64_000_000  # 8000 x 8000; PIL's own bomb guard is per-process global state
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; `reason` is one of the table's names."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB
+    width: int
+    height: int
+
+
+def decode_rgb(data: bytes, *, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode `data` into an RGB image (EXIF-transposed); raises ImageDecodeError with a reason."""
+    if not data:
+        raise ImageDecodeError("not_an_image", "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        if isinstance(error, UnidentifiedImageError):
+            raise ImageDecodeError("not_an_image", "not a recognised image format") from None
+        raise ImageDecodeError("too_large", str(error)) from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageDecodeError("truncated", f"{type(error).__name__}: {error}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    if min(width, height) < min_side:
+        raise ImageDecodeError("too_small", f"{width}x{height} has a side below {min_side} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency": handled below
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError("truncated", f"{type(error).__name__}: {error}") from None
+    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (high bit depths scaled to 8 bits, alpha composited on white)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if mode in ("I", "F") and values.max() <= 255:
+            top = 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" or mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

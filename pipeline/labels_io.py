@@ -1,0 +1,221 @@
+"""The files of the pseudo-label stage: `detections/{shard}.parquet` and `pseudo/{shard}.tar`.
+
+`detections/{shard}.parquet`, one row per input sample, in shard order:
+* `key` string; `image_ext` string (the image member's extension, "" when none);
+* `width`, `height` int32: the decoded image (after EXIF rotation), 0 when not decoded;
+* `caption` string and `phrases` list<struct<text, start, end>>: what the teacher grounded;
+* `boxes` list<struct<bbox: list<float32>[4] xyxy original pixels, score: float32,
+  phrase: int32 (index into `phrases`)>>: every box above the stage's floor, best first;
+* `error` string: null when the image was grounded, else the skip reason ("truncated: ...").
+File metadata: `stage`, `source_shard`, `teacher` (JSON), `floor`, `shard_report` (JSON).
+
+`pseudo/{shard}.tar` (WebDataset): per kept sample `{key}.{ext}` (the source image bytes,
+unchanged) and `{key}.json` (DESIGN.md's sample JSON). Members are written in input order with
+fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same inputs give byte-identical tars.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.filtering import Box, FilterPolicy, apply_policy
+from pipeline.phrases_file import PHRASE_TYPE
+from pipeline.shard_report import ShardReport
+
+BOX_TYPE = pa.struct([("bbox", pa.list_(pa.float32(), 4)), ("score", pa.float32()), ("phrase", pa.int32())])
+DETECTIONS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image_ext", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("phrases", pa.list_(PHRASE_TYPE)),
+        ("boxes", pa.list_(BOX_TYPE)),
+        ("error", pa.string()),
+    ]
+)
+# A key becomes a tar member name: letters, digits and "_-.:" only, never a path.
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-:][A-Za-z0-9_\-:.]{0,199}$")
+
+
+@dataclass
+class DetectionRow:
+    key: str
+    image_ext: str = ""
+    width: int = 0
+    height: int = 0
+    caption: str = ""
+    phrases: list[dict[str, Any]] | None = None  # {"text", "start", "end"}
+    boxes: list[Box] | None = None
+    error: str | None = None
+
+
+def is_safe_key(key: str) -> bool:
+    return bool(SAFE_KEY.match(key)) and ".." not in key
+
+
+def write_detections(uri: str, rows: Sequence[DetectionRow], metadata: dict[str, str]) -> None:
+    table = pa.Table.from_pylist(
+        [
+            {
+                "key": row.key,
+                "image_ext": row.image_ext,
+                "width": row.width,
+                "height": row.height,
+                "caption": row.caption,
+                "phrases": row.phrases or [],
+                "boxes": [{"bbox": list(b.bbox), "score": b.score, "phrase": b.phrase} for b in row.boxes or []],
+                "error": row.error,
+            }
+            for row in rows
+        ],
+        schema=DETECTIONS_SCHEMA,
+    ).replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_atomic(uri, sink.getvalue().to_pybytes())
+
+
+def read_detections(uri: str) -> tuple[list[DetectionRow], dict[str, str]]:
+    """Rows and file metadata of a detections file."""
+    with storage.open_read(uri) as handle:
+        table = pq.read_table(handle)
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    missing = set(DETECTIONS_SCHEMA.names) - set(table.schema.names)
+    if missing:
+        raise ValueError(f"{uri}: not a detections file (no columns {sorted(missing)})")
+    rows = []
+    for record in table.to_pylist():
+        boxes = [
+            Box(bbox=tuple(float(v) for v in b["bbox"]), score=float(b["score"]), phrase=int(b["phrase"]))
+            for b in record["boxes"] or []
+        ]
+        rows.append(
+            DetectionRow(
+                key=record["key"], image_ext=record["image_ext"] or "", width=int(record["width"] or 0),
+                height=int(record["height"] or 0), caption=record["caption"] or "", phrases=record["phrases"] or [],
+                boxes=boxes, error=record["error"],
+            )
+        )
+    return rows, metadata
+
+
+def read_detections_metadata(uri: str) -> dict[str, str]:
+    with storage.open_read(uri) as handle:
+        schema = pq.read_schema(handle)
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+
+
+def sample_json(row: DetectionRow, kept: Sequence[Box], *, teacher: dict[str, Any], policy: FilterPolicy) -> dict:
+    """DESIGN.md's pseudo sample: ODVG-style grounding + scores + provenance."""
+    phrases = row.phrases or []
+    regions = []
+    for box in kept:
+        phrase = phrases[box.phrase]
+        regions.append(
+            {
+                "bbox": [round(float(v), 2) for v in box.bbox],
+                "phrase": phrase["text"],
+                "tokens_positive": [[int(phrase["start"]), int(phrase["end"])]],
+                "score": round(float(box.score), 4),
+            }
+        )
+    return {
+        "key": row.key,
+        "width": row.width,
+        "height": row.height,
+        "grounding": {"caption": row.caption, "regions": regions},
+        "teacher": teacher,
+        "filter": policy.to_dict(),
+    }
+
+
+def filter_row(row: DetectionRow, policy: FilterPolicy) -> list[Box] | None:
+    """The policy's boxes for a grounded row; None when the row is skipped or dropped."""
+    if row.error is not None:
+        return None
+    return apply_policy(row.boxes or [], row.width, row.height, policy)
+
+
+NO_BOX = "no_box"  # grounded, but the filter policy kept nothing and dropped the image
+
+
+def select_samples(
+    rows: Sequence[DetectionRow],
+    image_bytes: dict[str, bytes],
+    *,
+    policy: FilterPolicy,
+    teacher: dict[str, Any],
+    report: ShardReport,
+) -> list[tuple[str, str, bytes, dict]]:
+    """The pseudo samples of one shard, in input order, counting every row in `report`.
+
+    Shared by `pseudo-label` and `filter`, so both write the same tar for the same policy.
+    Rows with an error are skipped under the error's reason; rows the policy drops under
+    `no_box`. Counters: `images` (grounded), `boxes` (above the floor), `kept_boxes`.
+    """
+    for name in ("images", "boxes", "kept_boxes"):
+        report.count(name, 0)
+    samples = []
+    for row in rows:
+        report.samples += 1
+        if row.error is not None:
+            report.skip(row.error.split(":", 1)[0], row.key)
+            continue
+        report.count("images")
+        report.count("boxes", len(row.boxes or []))
+        kept = filter_row(row, policy)
+        if kept is None:
+            report.skip(NO_BOX, row.key)
+            continue
+        if row.key not in image_bytes:
+            report.skip("image_missing", row.key)
+            continue
+        report.count("kept_boxes", len(kept))
+        samples.append((row.key, row.image_ext, image_bytes[row.key], sample_json(row, kept, teacher=teacher, policy=policy)))
+    report.written = len(samples)
+    return samples
+
+
+def write_pseudo_tar(uri: str, samples: Sequence[tuple[str, str, bytes, dict]]) -> None:
+    """Write (key, image extension, image bytes, sample JSON) as a WebDataset tar, atomically."""
+    with storage.atomic_writer(uri) as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, ext, image, sample in samples:
+                if not is_safe_key(key):
+                    raise ValueError(f"{uri}: unsafe sample key {key!r}")
+                _add_member(tar, f"{key}.{ext}", image)
+                _add_member(tar, f"{key}.json", json.dumps(sample, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def iter_pseudo_samples(uri: str) -> Iterator[tuple[str, str, bytes, dict]]:
+    """(key, image extension, image bytes, sample JSON) of a pseudo tar, in order."""
+    from pipeline.images import IMAGE_EXTENSIONS
+    from pipeline.shards import iter_webdataset_samples
+
+    for sample in iter_webdataset_samples(uri):
+        key = str(sample["__key__"])
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None or "json" not in sample:
+            continue
+        yield key, ext, sample[ext], json.loads(sample["json"])  # type: ignore[arg-type]

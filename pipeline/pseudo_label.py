@@ -1,0 +1,407 @@
+"""`pipeline pseudo-label`: a teacher GLIP grounds each image's parsed phrases; confident boxes
+become WebDataset training shards.
+
+For every input shard (img2dataset WebDataset: `{key}.jpg` + `{key}.txt`), with the
+phrases of the parse stage (`PHRASES/{shard}.parquet`, joined by key):
+1. a reader thread streams the tar, decodes each image (`pipeline.images.decode_rgb`: EXIF,
+   modes, corrupt/tiny/bomb images skipped with a reason) while the model runs;
+2. images are grouped by aspect ratio (within a window of a few batches) and grounded in
+   batches of `--batch-size`, each with its own caption as the prompt (`GLIPPredictor`);
+3. `OUT/detections/{shard}.parquet` gets every box above `--floor` for every sample
+   (`pipeline.labels_io`), then `OUT/pseudo/{shard}.tar` the samples the filter policy keeps
+   (source image bytes unchanged + the sample JSON of DESIGN.md). The tar is written last,
+   atomically: it marks the shard done, and a re-run skips it.
+`OUT/_stats.json` (written last) has the counts, skip reasons with example keys, images/s, the
+teacher (file name, sha256, variant) and every setting.
+
+The model is loaded once per Ray actor; `--num-gpus 1` gives each actor a GPU (`cuda`),
+otherwise actors run on the CPU with `--cpus-per-worker` torch threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, TextIO
+
+import typer
+
+from pipeline import storage
+from pipeline.filtering import PRESETS, Box, FilterPolicy, get_preset
+from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
+from pipeline.labels_io import (
+    DetectionRow,
+    is_safe_key,
+    read_detections_metadata,
+    select_samples,
+    write_detections,
+    write_pseudo_tar,
+)
+from pipeline.shard_report import ShardReport, ShardTask
+from pipeline.shards import discover_shards
+from pipeline.stage import StageRun, run_stage
+from pipeline.stage_stats import print_summary as print_stage_summary
+
+STAGE = "pseudo-label"
+DETECTIONS = "detections"
+PSEUDO = "pseudo"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PseudoLabelConfig:
+    """One pseudo-label run; the CLI flags map onto it in `pseudo_label_command`."""
+
+    inputs: tuple[str, ...]
+    phrases: str
+    teacher: str
+    out: str
+    config: str = "auto"
+    policy: FilterPolicy = field(default_factory=lambda: PRESETS["glip"])
+    floor: float = 0.05
+    min_size: int | None = None  # None: the checkpoint's test size
+    max_size: int | None = None
+    batch_size: int = 4
+    num_gpus: float = 0.0
+    cpus_per_worker: float = 1.0
+    bf16: bool = False
+    workers: int | None = None
+    address: str | None = None
+    overwrite: bool = False
+
+
+def teacher_identity(path: str) -> dict[str, str]:
+    """Provenance of the teacher: file name, sha256 and variant (read from the checkpoint keys)."""
+    from model.checkpoint import detect_variant, drop_ignored_keys, file_sha256, read_checkpoint, strip_module_prefix
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--teacher {path}: checkpoint not found")
+    state, metadata, _ = read_checkpoint(path)
+    variant = (metadata or {}).get("variant") or detect_variant(drop_ignored_keys(strip_module_prefix(state)))
+    return {"checkpoint": os.path.basename(path), "sha256": file_sha256(path), "variant": str(variant)}
+
+
+@dataclass
+class _Item:
+    """One input sample on its way through a shard."""
+
+    index: int
+    row: DetectionRow
+    image_bytes: bytes | None = None
+    image: object | None = None  # PIL RGB when decoded
+
+
+class PseudoLabelWorker:
+    """Grounds one shard per call; holds the teacher model for the actor's lifetime."""
+
+    def __init__(self, *, config: PseudoLabelConfig, teacher: dict[str, str]) -> None:
+        import torch
+
+        from model.predict import GLIPPredictor
+
+        device = "cuda" if config.num_gpus > 0 else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+        self.predictor = GLIPPredictor.from_checkpoint(
+            config.teacher, config=config.config, device=device, min_size=config.min_size,
+            max_size=config.max_size, bf16=config.bf16 and device == "cuda",
+        )
+        self.config = config
+        self.teacher = teacher
+        self.metadata = {
+            "stage": STAGE,
+            "teacher": json.dumps(teacher),
+            "floor": str(config.floor),
+            "policy": json.dumps(config.policy.to_dict()),
+        }
+
+    def __call__(self, task: ShardTask) -> ShardReport:
+        started = time.perf_counter()
+        report = ShardReport(shard_id=task.shard_id, input_uri=task.input_uri, output_uri=task.output_uri)
+        phrases = _read_phrases(storage.join(self.config.phrases, f"{task.shard_id}.parquet"))
+        rows: list[DetectionRow] = []
+        image_bytes: dict[str, bytes] = {}
+        for items in self._grounded_windows(task, phrases):
+            for item in items:
+                rows.append(item.row)
+                if item.image_bytes is not None:
+                    image_bytes[item.row.key] = item.image_bytes
+        kept_samples = select_samples(rows, image_bytes, policy=self.config.policy, teacher=self.teacher, report=report)
+        report.written = len(kept_samples)
+        report.seconds = round(time.perf_counter() - started, 4)
+        detections_uri = storage.join(self.config.out, DETECTIONS, f"{task.shard_id}.parquet")
+        metadata = {**self.metadata, "source_shard": task.input_uri, "shard_report": report.to_json()}
+        write_detections(detections_uri, rows, metadata)
+        write_pseudo_tar(task.output_uri, kept_samples)  # last: marks the shard done
+        return report
+
+    def _grounded_windows(self, task: ShardTask, phrases: dict[str, dict]) -> Iterator[list[_Item]]:
+        """Windows of samples in input order, the decodable ones grounded (aspect-ratio batches)."""
+        batch = self.config.batch_size
+        window = 4 * batch
+        pending: list[_Item] = []
+        for item in _prefetch(_decoded_items(task.input_uri, phrases), depth=2 * window):
+            pending.append(item)
+            if len(pending) >= window:
+                self._ground(pending)
+                yield pending
+                pending = []
+        if pending:
+            self._ground(pending)
+            yield pending
+
+    def _ground(self, items: list[_Item]) -> None:
+        ready = [item for item in items if item.image is not None]
+        ready.sort(key=lambda item: (item.row.width / max(item.row.height, 1), item.index))
+        batch = self.config.batch_size
+        for start in range(0, len(ready), batch):
+            chunk = ready[start : start + batch]
+            spans = [[(int(p["start"]), int(p["end"])) for p in item.row.phrases or []] for item in chunk]
+            results = self.predictor.predict([item.image for item in chunk], [item.row.caption for item in chunk], spans)
+            for item, detections in zip(chunk, results):
+                above = detections.above(self.config.floor).sorted()
+                item.row.boxes = [
+                    Box(bbox=tuple(round(float(v), 2) for v in box), score=round(float(score), 4), phrase=int(phrase))
+                    for box, score, phrase in zip(
+                        above.boxes.tolist(), above.scores.tolist(), above.phrase_ids.tolist()
+                    )
+                ]
+                item.image = None  # release the decoded pixels
+
+
+def _read_phrases(uri: str) -> dict[str, dict]:
+    """key -> phrases row of the parse stage's output for this shard."""
+    from pipeline.phrases_file import read_phrases_file
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no phrases for this shard (run parse-captions on it first)")
+    return {row["key"]: row for row in read_phrases_file(uri).to_pylist()}
+
+
+def _decoded_items(uri: str, phrases: dict[str, dict]) -> Iterator[_Item]:
+    """Samples of a shard joined with their phrases, decoded; errors recorded on the row."""
+    from pipeline.shards import iter_webdataset_samples
+
+    for index, sample in enumerate(iter_webdataset_samples(uri)):
+        key = str(sample["__key__"])
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), "")
+        entry = phrases.get(key)
+        row = DetectionRow(key=key, image_ext=ext)
+        item = _Item(index=index, row=row)
+        if entry is not None:
+            row.caption = entry["caption"] or ""
+            row.phrases = entry["phrases"] or []
+        if not is_safe_key(key):
+            row.error = f"bad_key: {key!r} cannot name a tar member"
+        elif not ext:
+            row.error = "no_image: the sample has no image member"
+        elif entry is None:
+            row.error = "no_phrases_row: the key is missing from the phrases file"
+        elif entry["error"] is not None:
+            row.error = f"caption_error: {entry['error']}"
+        elif not row.phrases:
+            row.error = "no_phrases: the caption has no groundable phrase"
+        if row.error is None:
+            data = sample[ext]
+            assert isinstance(data, bytes)
+            try:
+                decoded = decode_rgb(data)
+            except ImageDecodeError as error:
+                row.error = str(error)
+            else:
+                item.image, item.image_bytes = decoded.image, data
+                row.width, row.height = decoded.width, decoded.height
+        yield item
+
+
+def _prefetch(items: Iterator[_Item], *, depth: int) -> Iterator[_Item]:
+    """Run `items` (tar reading + decoding) on a thread, `depth` ahead of the consumer."""
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(done)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, name="pseudo-label-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def read_done_report(task: ShardTask, *, out: str) -> ShardReport:
+    uri = storage.join(out, DETECTIONS, f"{task.shard_id}.parquet")
+    metadata = read_detections_metadata(uri)
+    return ShardReport.from_json(metadata["shard_report"])
+
+
+def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | None = None) -> dict[str, object]:
+    """Run the stage; returns the `_stats.json` dict."""
+    shards = [s for s in discover_shards(config.inputs) if s.kind == "webdataset"]
+    if not shards:
+        raise FileNotFoundError(f"no WebDataset .tar shards in {list(config.inputs)}")
+    if not storage.is_dir(config.phrases):
+        raise FileNotFoundError(f"--phrases {config.phrases}: folder not found (the parse-captions output)")
+    teacher = teacher_identity(config.teacher)
+    for folder in (DETECTIONS,):
+        _remove_temporaries(storage.join(config.out, folder))
+    run = StageRun(
+        stage=STAGE,
+        out=config.out,
+        suffix=".tar",
+        marker_dir=storage.join(config.out, PSEUDO),
+        overwrite=config.overwrite,
+        workers=config.workers,
+        address=config.address,
+        num_cpus=config.cpus_per_worker,
+        num_gpus=config.num_gpus,
+    )
+    settings = {
+        "phrases": config.phrases,
+        "config": config.config,
+        "floor": config.floor,
+        "filter": config.policy.to_dict(),
+        "min_size": config.min_size,
+        "max_size": config.max_size,
+        "batch_size": config.batch_size,
+        "num_gpus": config.num_gpus,
+        "bf16": config.bf16,
+    }
+    stats = run_stage(
+        run,
+        shards=shards,
+        inputs=config.inputs,
+        worker_factory=functools.partial(PseudoLabelWorker, config=config, teacher=teacher),
+        read_done_report=functools.partial(read_done_report, out=config.out),
+        settings=settings,
+        versions={"teacher": json.dumps(teacher)},
+        progress_stream=progress_stream,
+    )
+    return stats
+
+
+def _remove_temporaries(folder: str) -> None:
+    if storage.is_dir(folder):
+        for name in storage.list_names(folder):
+            if storage.is_temporary_name(name):
+                storage.remove(storage.join(folder, name))
+
+
+def policy_from_options(
+    preset: str,
+    *,
+    min_score: float | None = None,
+    nms_iou: float | None = None,
+    nms_scope: str | None = None,
+    top_k: int | None = None,
+    min_box_frac: float | None = None,
+    max_box_frac: float | None = None,
+    keep_empty: bool | None = None,
+) -> FilterPolicy:
+    """A preset with the CLI's knobs applied on top."""
+    policy = get_preset(preset)
+    overrides: dict[str, object] = {
+        "min_score": min_score,
+        "nms_iou": nms_iou,
+        "nms_scope": nms_scope,
+        "top_k_per_phrase": top_k,
+        "min_box_frac": min_box_frac,
+        "max_box_frac": max_box_frac,
+    }
+    if keep_empty is not None:
+        overrides["drop_empty"] = not keep_empty
+    return policy.with_overrides(**overrides)
+
+
+# Filter flags shared by `pseudo-label` and `filter`.
+def _filter_options():
+    return dict(
+        preset=typer.Option("glip", "--preset", help=f"Filter preset: {', '.join(PRESETS)}."),
+        min_score=typer.Option(None, "--min-score", help="Keep boxes scoring above this (overrides the preset)."),
+        nms_iou=typer.Option(None, "--nms-iou", help="NMS IoU threshold (default: the preset's)."),
+        nms_scope=typer.Option(None, "--nms-scope", help="NMS within each 'phrase' or across 'all' phrases."),
+        top_k=typer.Option(None, "--top-k", min=1, help="Best k boxes per phrase."),
+        min_box_frac=typer.Option(None, "--min-box-frac", help="Drop boxes with a side below this fraction of the image's."),
+        max_box_frac=typer.Option(None, "--max-box-frac", help="Drop boxes covering more than this fraction of the image."),
+        keep_empty=typer.Option(None, "--keep-empty/--drop-empty", help="Keep images left with no box (default: preset's)."),
+    )
+
+
+_F = _filter_options()
+
+
+def pseudo_label_command(
+    inputs: list[str] = typer.Argument(..., help="Image shards (img2dataset WebDataset .tar): files, globs or folders."),
+    phrases: str = typer.Option(..., "--phrases", help="parse-captions output folder ({shard}.parquet per shard)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher GLIP checkpoint (official or trained here)."),
+    out: str = typer.Option(..., "--out", help="Output folder: detections/, pseudo/, _stats.json."),
+    config: str = typer.Option("auto", "--config", help="auto (from the checkpoint) or glip-t, glip-t-a, glip-l, tiny."),
+    preset: str = _F["preset"],
+    min_score: Optional[float] = _F["min_score"],
+    nms_iou: Optional[float] = _F["nms_iou"],
+    nms_scope: Optional[str] = _F["nms_scope"],
+    top_k: Optional[int] = _F["top_k"],
+    min_box_frac: Optional[float] = _F["min_box_frac"],
+    max_box_frac: Optional[float] = _F["max_box_frac"],
+    keep_empty: Optional[bool] = _F["keep_empty"],
+    floor: float = typer.Option(0.05, "--floor", help="Lowest score kept in detections/ (re-filtering cannot go below)."),
+    min_size: Optional[int] = typer.Option(None, "--min-size", help="Test-time short side (default: the checkpoint's)."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", help="Test-time long-side cap."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per forward."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per actor (1: one actor per GPU; 0: CPU actors)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs (torch threads) per actor."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast on CUDA."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU or GPU)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
+) -> None:
+    """Ground the parsed phrases of every image with a teacher GLIP; write detections and pseudo shards."""
+    try:
+        policy = policy_from_options(
+            preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
+            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty,
+        )
+        run_config = PseudoLabelConfig(
+            inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,
+            floor=floor, min_size=min_size, max_size=max_size, batch_size=batch_size, num_gpus=num_gpus,
+            cpus_per_worker=cpus_per_worker, bf16=bf16, workers=workers, address=address, overwrite=overwrite,
+        )
+        stats = run_pseudo_label(run_config)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(code=2) from None
+    print_summary(stats, out)
+
+
+def print_summary(stats: dict[str, object], out: str) -> None:
+    print_stage_summary(
+        stats,
+        out,
+        counts=f"{stats['samples']:,} samples, {stats.get('images', 0):,} images grounded, "
+        f"{stats['written']:,} pseudo-labelled with {stats.get('kept_boxes', 0):,} boxes",
+    )

@@ -1,0 +1,250 @@
+"""`pipeline pseudo-label` and `pipeline filter` on real COCO images with their human captions,
+real spaCy phrases, a real (tiny, random-weight) teacher and real Ray runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from model.checkpoint import file_sha256
+from pipeline.cli import app
+from pipeline.filtering import get_preset
+from pipeline.labels_io import filter_row, iter_pseudo_samples, read_detections
+from tests.pseudo_fixtures import coco_samples, odd_images, tiny_teacher, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+ODD_OK = {"cmyk", "gray", "gray16", "alpha", "palette", "exif_rotated"}
+ODD_BAD = {"truncated": "truncated", "not_an_image": "not_an_image", "tiny": "too_small", "bomb": "too_large"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipeline.cluster import init_ray
+
+    started = init_ray(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shared_data):
+    """Three shards: two of COCO images, one of COCO images plus every odd/broken image kind."""
+    root = tmp_path_factory.mktemp("pseudo")
+    shards = root / "shards"
+    shards.mkdir()
+    coco = coco_samples(shared_data, 12)
+    write_shard(shards / "00000.tar", [(k, "jpg", d, c) for k, d, c in coco[:4]])
+    write_shard(shards / "00001.tar", [(k, "jpg", d, c) for k, d, c in coco[4:8]])
+    odd = [(f"odd_{name}", ext, data, coco[8][2]) for name, (ext, data) in odd_images(coco[8][1]).items()]
+    no_phrase = ("odd_no_phrase", "jpg", coco[9][1], "   ")
+    no_image = ("odd_no_image", "", b"", coco[10][2])
+    samples = [(k, "jpg", d, c) for k, d, c in coco[8:10]] + odd + [no_phrase]
+    write_shard(shards / "00002.tar", samples)
+    with tarfile.open(shards / "00002.tar", "a") as tar:  # a sample with a caption but no image
+        data = no_image[3].encode()
+        info = tarfile.TarInfo("odd_no_image.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    teacher = tiny_teacher(root / "teacher.pth")
+    return {"root": root, "shards": shards, "teacher": teacher, "coco": coco}
+
+
+@pytest.fixture(scope="module")
+def phrases(world, ray_local):
+    from nlp.phrases import ExtractorSettings
+    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
+
+    out = world["root"] / "phrases"
+    run_parse_captions(ParseCaptionsConfig(inputs=(str(world["shards"]),), out=str(out), settings=ExtractorSettings(), workers=1))
+    return out
+
+
+def _pseudo_label(world, phrases, out: Path, *extra: str):
+    args = [
+        "pseudo-label", str(world["shards"]), "--phrases", str(phrases), "--teacher", str(world["teacher"]),
+        "--out", str(out), "--min-size", "128", "--max-size", "192", "--batch-size", "3", "--workers", "1",
+        "--preset", "owlst", *extra,
+    ]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def labelled(world, phrases, ray_local):
+    out = world["root"] / "labelled"
+    result = _pseudo_label(world, phrases, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _source_samples(shards: Path) -> dict[str, dict[str, bytes]]:
+    from pipeline.shards import iter_webdataset_samples
+
+    found = {}
+    for shard in sorted(shards.glob("*.tar")):
+        for sample in iter_webdataset_samples(str(shard)):
+            found[str(sample["__key__"])] = sample
+    return found
+
+
+def test_every_key_accounted_for_and_odd_images_handled(world, labelled):
+    stats = json.loads((labelled / "_stats.json").read_text())
+    source = _source_samples(world["shards"])
+    assert stats["samples"] == len(source) == 4 + 4 + 2 + 10 + 2
+    skipped = {reason: entry["count"] for reason, entry in stats["skipped"].items()}
+    assert stats["written"] + sum(skipped.values()) == stats["samples"]
+    assert stats["shards"] == {**stats["shards"], "total": 3, "written": 3, "failed": 0}
+
+    rows = {}
+    for shard in ("00000", "00001", "00002"):
+        shard_rows, metadata = read_detections(str(labelled / "detections" / f"{shard}.parquet"))
+        assert json.loads(metadata["teacher"])["sha256"] == file_sha256(world["teacher"])
+        rows.update({row.key: row for row in shard_rows})
+    assert set(rows) == set(source)  # one detections row per input sample
+    for name, reason in ODD_BAD.items():
+        assert rows[f"odd_{name}"].error.startswith(reason), (name, rows[f"odd_{name}"].error)
+        assert f"odd_{name}" in stats["skipped"][reason]["examples"]
+    assert rows["odd_no_phrase"].error.startswith("caption_error") or rows["odd_no_phrase"].error.startswith("no_phrases")
+    assert rows["odd_no_image"].error.startswith("no_image")
+    for name in ODD_OK:
+        row = rows[f"odd_{name}"]
+        assert row.error is None and row.width > 0 and row.height > 0, name
+    # EXIF orientation 6: the 160x120 pixels are shown (and labelled) as 120x160.
+    assert (rows["odd_exif_rotated"].width, rows["odd_exif_rotated"].height) == (120, 160)
+
+
+def test_pseudo_samples_keep_source_bytes_and_schema(world, labelled):
+    source = _source_samples(world["shards"])
+    sha = file_sha256(world["teacher"])
+    policy = get_preset("owlst")
+    seen = 0
+    max_x = 0.0
+    for shard in ("00000", "00001", "00002"):
+        rows = {row.key: row for row in read_detections(str(labelled / "detections" / f"{shard}.parquet"))[0]}
+        for key, ext, image, sample in iter_pseudo_samples(str(labelled / "pseudo" / f"{shard}.tar")):
+            seen += 1
+            assert image == source[key][ext]  # bytes unchanged
+            assert set(sample) == {"key", "width", "height", "grounding", "teacher", "filter"}
+            assert sample["key"] == key and sample["teacher"]["sha256"] == sha
+            assert sample["teacher"]["variant"] == "tiny" and sample["filter"]["name"] == "owlst"
+            decoded = Image.open(io.BytesIO(image))
+            width, height = sample["width"], sample["height"]
+            assert {width, height} == set(decoded.size)
+            caption = sample["grounding"]["caption"]
+            expected = filter_row(rows[key], policy)
+            assert len(sample["grounding"]["regions"]) == len(expected) > 0
+            for region in sample["grounding"]["regions"]:
+                (start, end), = region["tokens_positive"]
+                assert caption[start:end] == region["phrase"]
+                x0, y0, x1, y1 = region["bbox"]
+                assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+                assert region["score"] > policy.min_score
+                max_x = max(max_x, x1)
+    assert seen > 0
+    # Images were resized to a 128-192 px short side; boxes came back in original pixels.
+    assert max_x > 200
+
+
+def test_filter_reproduces_pseudo_label_and_applies_other_presets(world, labelled, ray_local):
+    same = world["root"] / "refiltered"
+    result = CliRunner().invoke(
+        app, ["filter", str(world["shards"]), "--detections", str(labelled), "--out", str(same), "--preset", "owlst"]
+    )
+    assert result.exit_code == 0, result.output
+    for shard in ("00000", "00001", "00002"):
+        assert (same / "pseudo" / f"{shard}.tar").read_bytes() == (labelled / "pseudo" / f"{shard}.tar").read_bytes()
+
+    strict = world["root"] / "strict"
+    result = CliRunner().invoke(
+        app,
+        ["filter", str(world["shards"]), "--detections", str(labelled), "--out", str(strict), "--preset", "grit",
+         "--min-score", "0.4", "--top-k", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    policy = get_preset("grit").with_overrides(min_score=0.4, top_k_per_phrase=1)
+    for shard in ("00000", "00001", "00002"):
+        rows = read_detections(str(labelled / "detections" / f"{shard}.parquet"))[0]
+        expected = {row.key: filter_row(row, policy) for row in rows}
+        got = {key: sample for key, _, _, sample in iter_pseudo_samples(str(strict / "pseudo" / f"{shard}.tar"))}
+        assert set(got) == {key for key, kept in expected.items() if kept}
+        for key, sample in got.items():
+            phrases = [r["phrase"] for r in sample["grounding"]["regions"]]
+            assert len(phrases) == len(set(phrases)) == len(expected[key])  # top-1 per phrase
+
+
+def test_rerun_skips_done_shards_and_errors_are_clear(world, phrases, labelled, tmp_path, ray_local):
+    before = {p.name: p.stat().st_mtime_ns for p in (labelled / "pseudo").iterdir()}
+    result = _pseudo_label(world, phrases, labelled)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in (labelled / "pseudo").iterdir()} == before
+    stats = json.loads((labelled / "_stats.json").read_text())
+    assert stats["shards"]["already_done"] == 3 and stats["samples"] == 22
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(
+        app, ["pseudo-label", str(world["shards"]), "--phrases", str(phrases), "--teacher", str(bad), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0 and "bad.pth" in result.output
+    result = CliRunner().invoke(
+        app, ["pseudo-label", str(world["shards"]), "--phrases", str(tmp_path / "none"), "--teacher",
+              str(world["teacher"]), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "--phrases" in result.output
+
+
+def test_killed_run_resumes_to_the_uninterrupted_output(world, phrases, labelled, tmp_path):
+    """The driver is killed (SIGKILL to its process group) once the first shard is done; a
+    re-run finishes the rest and every file equals the uninterrupted run's."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    command = [
+        sys.executable, "-m", "pipeline", "pseudo-label", str(world["shards"]), "--phrases", str(phrases),
+        "--teacher", str(world["teacher"]), "--out", str(out), "--min-size", "128", "--max-size", "192",
+        "--batch-size", "3", "--workers", "1", "--preset", "owlst",
+    ]
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and not list(out.glob("pseudo/*.tar")):
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finished = sorted(p.name for p in (out / "pseudo").glob("*.tar"))
+    assert finished and len(finished) < 3, finished  # killed part-way
+    assert not (out / "_stats.json").exists()
+    # Only complete shards are visible under final names; partial writes are temporaries.
+    for name in finished:
+        with tarfile.open(out / "pseudo" / name) as tar:
+            tar.getmembers()
+
+    result = CliRunner().invoke(
+        app,
+        ["pseudo-label", str(world["shards"]), "--phrases", str(phrases), "--teacher", str(world["teacher"]),
+         "--out", str(out), "--min-size", "128", "--max-size", "192", "--batch-size", "3", "--workers", "1",
+         "--preset", "owlst"],
+    )
+    assert result.exit_code == 0, result.output
+    for folder in ("pseudo", "detections"):
+        names = sorted(p.name for p in (labelled / folder).iterdir())
+        assert sorted(p.name for p in (out / folder).iterdir()) == names
+    for shard in ("00000", "00001", "00002"):
+        assert (out / "pseudo" / f"{shard}.tar").read_bytes() == (labelled / "pseudo" / f"{shard}.tar").read_bytes()
+        got = read_detections(str(out / "detections" / f"{shard}.parquet"))[0]
+        want = read_detections(str(labelled / "detections" / f"{shard}.parquet"))[0]
+        assert got == want
