@@ -6,6 +6,7 @@ from pipeline.cli import app
 from pipeline.evaluate import evaluate
 from pipeline.filter_stage import filter_command
 from pipeline.ground import ground
+from pipeline.inspect_labels import export_command, show_command, stats_command
 from pipeline.parse_captions import parse_captions_command
 from pipeline.pseudo_label import pseudo_label_command
 from pipeline.train_student import train_student
@@ -14,5 +15,8 @@ app.command("parse-captions")(parse_captions_command)
 app.command("ground")(ground)
 app.command("pseudo-label")(pseudo_label_command)
 app.command("filter")(filter_command)
+app.command("show")(show_command)
+app.command("export")(export_command)
+app.command("stats")(stats_command)
 app.command("train-student")(train_student)
 app.command("eval")(evaluate)

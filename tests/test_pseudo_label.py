@@ -248,3 +248,34 @@ def test_killed_run_resumes_to_the_uninterrupted_output(world, phrases, labelled
         got = read_detections(str(out / "detections" / f"{shard}.parquet"))[0]
         want = read_detections(str(labelled / "detections" / f"{shard}.parquet"))[0]
         assert got == want
+
+
+def test_show_export_and_stats(labelled, tmp_path):
+    from pycocotools.coco import COCO
+
+    samples = list(iter_pseudo_samples(str(labelled / "pseudo" / "00000.tar")))
+    samples += list(iter_pseudo_samples(str(labelled / "pseudo" / "00001.tar")))
+    samples += list(iter_pseudo_samples(str(labelled / "pseudo" / "00002.tar")))
+    regions = sum(len(s["grounding"]["regions"]) for _, _, _, s in samples)
+
+    result = CliRunner().invoke(app, ["show", str(labelled), "--out", str(tmp_path / "gallery"), "--n", "3"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "gallery").glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size in {(s["width"], s["height"]) for *_, s in samples}
+    page = (tmp_path / "gallery" / "index.html").read_text()
+    assert page.count("<figure>") == 3 and samples[0][3]["grounding"]["regions"][0]["phrase"] in page
+
+    result = CliRunner().invoke(app, ["export", str(labelled), "--format", "coco", "--out", str(tmp_path / "coco.json")])
+    assert result.exit_code == 0, result.output
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert len(coco.getImgIds()) == len(samples) and len(coco.getAnnIds()) == regions
+    names = {c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert all(" " not in name for name in names)  # one category per phrase head word
+
+    result = CliRunner().invoke(app, ["export", str(labelled), "--format", "odvg", "--out", str(tmp_path / "odvg.jsonl")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "odvg.jsonl").read_text().splitlines()]
+    assert len(lines) == len(samples) and lines[0]["grounding"] == samples[0][3]["grounding"]
+
+    result = CliRunner().invoke(app, ["stats", str(labelled)])
+    assert result.exit_code == 0 and "skipped: too_large" in result.output and "samples_per_s" in result.output
