@@ -3,7 +3,8 @@
 `init_ray(None)` starts an embedded single-node Ray that listens on 127.0.0.1 only, with
 the dashboard off and token authentication disabled (Ray 2.60 enables it by default; see
 ASSETS.md). `init_ray("ray://...")` or `init_ray("10.0.0.5:6379")` joins an existing cluster,
-whose own configuration then applies.
+whose own configuration then applies; so does `init_ray(None)` when `RAY_ADDRESS` is set (a
+stage running as a Ray job).
 
 Ray is imported here and in stage drivers only, never in `nlp/` or `model/`.
 """
@@ -39,6 +40,9 @@ def init_ray(
 
     if ray.is_initialized():
         return False
+    # Inside a job submitted with `pipeline submit` (Ray Jobs API), RAY_ADDRESS names the
+    # cluster the job runs on: join it instead of starting an embedded one.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
         return True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from jobs.submit import job_app, submit_command
 from pipeline.cli import app
+from pipeline.demo import demo_command
 from pipeline.evaluate import evaluate
 from pipeline.filter_stage import filter_command
 from pipeline.ground import ground
@@ -20,3 +22,6 @@ app.command("export")(export_command)
 app.command("stats")(stats_command)
 app.command("train-student")(train_student)
 app.command("eval")(evaluate)
+app.command("demo")(demo_command)
+app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit_command)
+app.add_typer(job_app, name="job")

@@ -1,0 +1,318 @@
+"""The demo's embedded world: procedural images of coloured shapes with gold boxes and web-style
+captions, deterministic by seed, written as the files the real stages read.
+
+An image has 1-5 objects of `KINDS` in `COLOURS`, small or large, solid, striped or dotted,
+on a plain, gradient, noisy or striped background; later objects may hide earlier ones.
+Gold boxes are tight to each object's drawn mask; an object less than half visible is left out
+of the gold (and of the caption). Captions are written from varied templates into web-style
+English with junk ("royalty free vector", ids, file names), group repeated objects with a
+count ("two blue rings"), sometimes name an absent object and sometimes omit a present one,
+so the teacher's pseudo-labels are imperfect in the ways web captions are.
+
+`write_world(out, size, seed)` writes three splits (`WorldPaths`):
+- gold: `gold/images/*.jpg`, `gold/instances.json` (COCO detection, one category per kind)
+  and `gold/grounding.json` (MDETR/GoldG layout: `caption` per image, `tokens_positive` per box);
+- web: img2dataset-style shards `web/shards/{00000..}.tar` (`{key}.jpg`, `{key}.txt`,
+  `{key}.json`) and, kept aside, `web/web_gold.json` (COCO, image id = int(key)) to measure
+  pseudo-label precision/recall;
+- test: `test/images/*.jpg` and `test/instances.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+KINDS = ("square", "circle", "triangle", "star", "cross", "ring", "diamond", "hexagon")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+}
+TEXTURES = ("solid", "striped", "dotted")
+BACKGROUNDS = ("plain", "gradient", "noisy", "striped")
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    gold: int
+    web: int
+    web_shards: int
+    test: int
+    image_side: tuple[int, int] = (128, 160)  # long side drawn from this range (small: fast CPU training)
+
+
+SIZES = {
+    "small": WorldSize(gold=24, web=32, web_shards=2, test=16),
+    "default": WorldSize(gold=160, web=480, web_shards=6, test=100),
+    "large": WorldSize(gold=640, web=1920, web_shards=16, test=400),
+}
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    root: Path
+    gold_images: Path
+    gold_coco: Path
+    gold_grounding: Path
+    web_shards: Path
+    web_gold: Path
+    test_images: Path
+    test_coco: Path
+
+
+@dataclass
+class _Object:
+    kind: str
+    colour: str
+    size: str
+    texture: str
+    box: tuple[float, float, float, float]  # xyxy, tight to the visible mask's extent
+
+
+def _shape_mask(kind: str, size: tuple[int, int], cx: float, cy: float, r: float, angle: float) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+
+    def polygon(points: int, radius_fn) -> list[tuple[float, float]]:
+        return [
+            (cx + radius_fn(i) * math.cos(angle + 2 * math.pi * i / points), cy + radius_fn(i) * math.sin(angle + 2 * math.pi * i / points))
+            for i in range(points)
+        ]
+
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif kind == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        draw.ellipse((cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55), fill=0)
+    elif kind == "square":
+        draw.polygon(polygon(4, lambda i: r * 1.2), fill=255)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r * 0.65, cy), (cx, cy + r), (cx - r * 0.65, cy)], fill=255)
+    elif kind == "triangle":
+        draw.polygon(polygon(3, lambda i: r * 1.15), fill=255)
+    elif kind == "hexagon":
+        draw.polygon(polygon(6, lambda i: r), fill=255)
+    elif kind == "star":
+        draw.polygon(polygon(10, lambda i: r * 1.1 if i % 2 == 0 else r * 0.45), fill=255)
+    elif kind == "cross":
+        w = r * 0.35
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
+    return mask
+
+
+def _texture(texture: str, colour: tuple[int, int, int], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    width, height = size
+    fill = np.empty((height, width, 3), dtype=np.uint8)
+    fill[:] = colour
+    if texture == "striped":
+        period = int(rng.integers(6, 10))
+        ys, xs = np.mgrid[0:height, 0:width]
+        light = ((xs + ys) // (period // 2)) % 2 == 0
+        fill[light] = np.clip(np.asarray(colour) * 0.45 + 140, 0, 255).astype(np.uint8)
+    elif texture == "dotted":
+        period = int(rng.integers(6, 9))
+        ys, xs = np.mgrid[0:height, 0:width]
+        dots = ((xs % period) - period / 2) ** 2 + ((ys % period) - period / 2) ** 2 < (period / 4) ** 2
+        fill[dots] = 255
+    return fill
+
+
+def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    width, height = size
+    base = rng.integers(150, 235, size=3)
+    if kind == "plain":
+        canvas = np.broadcast_to(base, (height, width, 3)).astype(np.float64)
+    elif kind == "gradient":
+        other = rng.integers(150, 235, size=3)
+        t = np.linspace(0, 1, width)[None, :, None]
+        canvas = np.broadcast_to(base * (1 - t) + other * t, (height, width, 3)).astype(np.float64)
+    elif kind == "noisy":
+        canvas = base + rng.normal(0, 18, size=(height, width, 3))
+    else:
+        period = int(rng.integers(10, 24))
+        ys = np.arange(height)[:, None, None]
+        canvas = np.where((ys // period) % 2 == 0, base, base - 35) * np.ones((1, width, 1))
+    return np.clip(canvas, 0, 255)
+
+
+def render_image(rng: np.random.Generator, side: tuple[int, int]) -> tuple[Image.Image, list[_Object], str]:
+    """One image, its visible objects (gold) and its background kind."""
+    long_side = int(rng.integers(side[0], side[1] + 1))
+    short_side = int(long_side * rng.uniform(0.65, 1.0))
+    size = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
+    background = str(rng.choice(BACKGROUNDS))
+    canvas = _background(background, size, rng)
+    owner = np.full((size[1], size[0]), -1, dtype=np.int32)
+    drawn: list[tuple[str, str, str, str, np.ndarray]] = []
+    for index in range(int(rng.integers(1, 6))):
+        kind, colour = str(rng.choice(KINDS)), str(rng.choice(list(COLOURS)))
+        big = rng.random() < 0.5
+        scale = long_side / 224  # object radii in proportion to the image
+        r = float(rng.uniform(26, 40) if big else rng.uniform(14, 22)) * scale
+        cx, cy = rng.uniform(r, size[0] - r), rng.uniform(r, size[1] - r)
+        mask = np.asarray(_shape_mask(kind, size, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))) > 127
+        texture = str(rng.choice(TEXTURES, p=(0.5, 0.25, 0.25)))
+        canvas[mask] = _texture(texture, COLOURS[colour], size, rng)[mask]
+        owner[mask] = index
+        drawn.append((kind, colour, "large" if big else "small", texture, mask))
+    objects = []
+    for index, (kind, colour, size_word, texture, mask) in enumerate(drawn):
+        visible = owner == index
+        if visible.sum() < 0.5 * mask.sum():
+            continue
+        ys, xs = np.nonzero(mask)
+        objects.append(_Object(kind, colour, size_word, texture, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))))
+    return Image.fromarray(canvas.astype(np.uint8)), objects, background
+
+
+def _plural(kind: str) -> str:
+    return kind + "es" if kind.endswith(("s", "x", "sh", "ch")) else kind + "s"
+
+
+def write_caption(objects: list[_Object], background: str, rng: np.random.Generator) -> tuple[str, list[tuple[tuple[int, int], list[int]]]]:
+    """A web-style caption and its phrases: ((start, end), indices of the objects they name)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, obj in enumerate(objects):
+        if rng.random() < 0.12 and len(objects) > 1:
+            continue  # a present object the caption does not mention
+        groups.setdefault((obj.colour, obj.kind), []).append(index)
+    if not groups:  # every object was left out: name the first one
+        groups[(objects[0].colour, objects[0].kind)] = [0]
+    mentions: list[tuple[str, list[int]]] = []
+    for (colour, kind), members in groups.items():
+        obj = objects[members[0]]
+        if len(members) > 1:
+            text = f"{COUNT_WORDS[len(members)]} {colour} {_plural(kind)}"
+        else:
+            adjectives = [obj.size] if rng.random() < 0.5 else []
+            if obj.texture != "solid" and rng.random() < 0.5:
+                adjectives.append(obj.texture)
+            words = [*adjectives, colour, kind]
+            text = " ".join(["an" if words[0][0] in "aeiou" else "a", *words])
+        mentions.append((text, members))
+    if rng.random() < 0.15:  # an object the caption names but the image does not hold
+        colour = str(rng.choice(list(COLOURS)))
+        mentions.append((f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {rng.choice(KINDS)}", []))
+    order = rng.permutation(len(mentions))
+    mentions = [mentions[i] for i in order]
+    joiners = [" and ", " beside ", " with ", ", ", " next to "]
+    spans: list[tuple[tuple[int, int], list[int]]] = []
+    prefix = str(rng.choice(["", "", "Stock photo: ", "Image of ", "Illustration: "]))
+    caption = prefix
+    for position, (text, members) in enumerate(mentions):
+        if position:
+            caption += str(rng.choice(joiners))
+        start = len(caption)
+        caption += text
+        spans.append(((start, len(caption)), members))
+    caption += str(rng.choice([f" on a {background} background", f" over a {background} backdrop", ""]))
+    caption += str(rng.choice(["", "", ", royalty free vector", " - stock image", f" #{int(rng.integers(1000, 99999))}", f" IMG_{int(rng.integers(1000, 9999))}.jpg"]))
+    if caption[0].islower() and rng.random() < 0.5:
+        caption = caption[0].upper() + caption[1:]  # same length: spans unchanged
+    return caption, spans
+
+
+def _categories() -> list[dict]:
+    return [{"id": i + 1, "name": kind, "supercategory": "shape"} for i, kind in enumerate(KINDS)]
+
+
+def _coco_boxes(objects: list[_Object], image_id: int, next_id: int) -> list[dict]:
+    anns = []
+    for offset, obj in enumerate(objects):
+        x0, y0, x1, y1 = obj.box
+        anns.append(
+            {"id": next_id + offset, "image_id": image_id, "category_id": KINDS.index(obj.kind) + 1,
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+        )
+    return anns
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _split(rng: np.random.Generator, count: int, side: tuple[int, int], first_id: int):
+    for offset in range(count):
+        image, objects, background = render_image(rng, side)
+        while not objects:
+            image, objects, background = render_image(rng, side)
+        caption, spans = write_caption(objects, background, rng)
+        yield first_id + offset, image, objects, caption, spans
+
+
+def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPaths:
+    """Write the three splits under `out` (see the module doc); same seed, same bytes."""
+    if size not in SIZES:
+        raise ValueError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
+    spec = SIZES[size]
+    root = Path(out)
+    paths = WorldPaths(
+        root=root, gold_images=root / "gold" / "images", gold_coco=root / "gold" / "instances.json",
+        gold_grounding=root / "gold" / "grounding.json", web_shards=root / "web" / "shards",
+        web_gold=root / "web" / "web_gold.json", test_images=root / "test" / "images", test_coco=root / "test" / "instances.json",
+    )
+    for folder in (paths.gold_images, paths.web_shards, paths.test_images):
+        folder.mkdir(parents=True, exist_ok=True)
+    rngs = [np.random.default_rng([seed, split]) for split in range(3)]
+
+    # gold: detection + grounding annotations of the same images
+    images, anns, g_images, g_anns = [], [], [], []
+    for image_id, image, objects, caption, spans in _split(rngs[0], spec.gold, spec.image_side, 1):
+        name = f"{image_id:06d}.jpg"
+        (paths.gold_images / name).write_bytes(_jpeg(image))
+        info = {"id": image_id, "file_name": name, "width": image.width, "height": image.height}
+        images.append(info)
+        anns += _coco_boxes(objects, image_id, len(anns) + 1)
+        g_images.append({**info, "caption": caption})
+        for (start, end), members in spans:
+            for member in members:
+                [ann] = _coco_boxes([objects[member]], image_id, len(g_anns) + 1)
+                g_anns.append({**ann, "tokens_positive": [[start, end]], "phrase": caption[start:end]})
+    _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories()})
+    _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories()})
+
+    # web: shards with captions only; the gold kept aside
+    images, anns = [], []
+    per_shard = math.ceil(spec.web / spec.web_shards)
+    samples = list(_split(rngs[1], spec.web, spec.image_side, 1))
+    for shard in range(spec.web_shards):
+        with tarfile.open(paths.web_shards / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for image_id, image, objects, caption, _ in samples[shard * per_shard : (shard + 1) * per_shard]:
+                key = f"{image_id:09d}"
+                meta = {"key": key, "caption": caption, "width": image.width, "height": image.height}
+                for name, data in ((f"{key}.jpg", _jpeg(image)), (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps(meta).encode())):
+                    member = tarfile.TarInfo(name)
+                    member.size, member.mtime, member.mode = len(data), 0, 0o644
+                    tar.addfile(member, io.BytesIO(data))
+                images.append({"id": image_id, "file_name": f"{key}.jpg", "width": image.width, "height": image.height})
+                anns += _coco_boxes(objects, image_id, len(anns) + 1)
+    _write_json(paths.web_gold, {"images": images, "annotations": anns, "categories": _categories()})
+
+    # test: held out
+    images, anns = [], []
+    for image_id, image, objects, _, _ in _split(rngs[2], spec.test, spec.image_side, 1):
+        name = f"{image_id:06d}.jpg"
+        (paths.test_images / name).write_bytes(_jpeg(image))
+        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
+        anns += _coco_boxes(objects, image_id, len(anns) + 1)
+    _write_json(paths.test_coco, {"images": images, "annotations": anns, "categories": _categories()})
+    return paths
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data))

@@ -1,0 +1,59 @@
+"""`pipeline demo --size small`: the whole loop runs and its report holds real, consistent
+figures (recomputed here from the run's own files with pycocotools)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = CliRunner().invoke(app, ["demo", "--size", "small", "--out", str(out), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert "teacher AP" in result.output and "student AP" in result.output
+    return out
+
+
+def test_report_numbers_are_sane_and_reproducible(demo):
+    from model.predict import GLIPPredictor
+    from pipeline.evaluate import evaluate_model, load_gold, pseudo_predictions, score_boxes
+    from pipeline.demo import SCHEDULES
+
+    report = json.loads((demo / "report.json").read_text())
+    test = json.loads((demo / "world/test/instances.json").read_text())
+    assert set(report["models"]) == {"teacher", "student", "control"}
+    for metrics in report["models"].values():
+        assert metrics["num_images"] == len(test["images"]) and metrics["num_gold"] == len(test["annotations"])
+        assert all(metrics[k] == -1.0 or 0.0 <= metrics[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    # The student's AP is what pycocotools gives for its checkpoint on the test split.
+    schedule = SCHEDULES["small"]
+    predictor = GLIPPredictor.from_checkpoint(
+        report["training"]["student"]["checkpoint"], min_size=schedule.test_min_size, max_size=schedule.max_size
+    )
+    again = evaluate_model(predictor, demo / "world/test/instances.json", demo / "world/test/images", batch_size=4)
+    assert again.ap["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
+    assert report["student_minus_teacher_AP"] == pytest.approx(
+        round(100 * (report["models"]["student"]["AP"] - report["models"]["teacher"]["AP"]), 2)
+    )
+    # Pseudo-label quality per preset, against the web split's hidden gold.
+    web_gold = load_gold(demo / "world/web/web_gold.json")
+    for name, entry in report["pseudo_labels"].items():
+        quality = score_boxes(web_gold, pseudo_predictions(web_gold, [str(demo / "filtered" / name / "pseudo")]), class_agnostic=True)
+        assert entry["precision50"] == round(quality.precision50, 4) and entry["recall50"] == round(quality.recall50, 4)
+        assert 0 <= entry["images"] <= len(web_gold.getImgIds())
+    assert report["throughput"]["pseudo_label_images_per_s"] > 0 and report["throughput"]["parse_captions_per_s"] > 0
+
+
+def test_report_html_and_gallery(demo):
+    page = (demo / "report.html").read_text()
+    report = json.loads((demo / "report.json").read_text())
+    assert f"{report['student_minus_teacher_AP']:+.1f} AP" in page
+    assert all(name in page for name in ("teacher", "student", "control", "glip", "grit", "owlst"))
+    assert (demo / "gallery" / "index.html").exists()
+    assert len(list((demo / "gallery").glob("*.png"))) == min(8, report["pseudo_labels"]["glip"]["images"])
