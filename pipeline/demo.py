@@ -99,7 +99,13 @@ def _train(out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *,
     )
     outcome = run_training(config)
     stats = json.loads((out / "_stats.json").read_text())
-    return {"checkpoint": outcome.student, "steps": outcome.steps, "final_loss": outcome.final_loss, "samples_per_s": stats.get("samples_per_s")}
+    rate = stats.get("samples_per_s")
+    return {
+        "checkpoint": outcome.student,
+        "steps": outcome.steps,
+        "final_loss": outcome.final_loss,
+        "samples_per_s": round(rate, 2) if rate is not None else None,
+    }
 
 
 def _evaluate(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dict:
@@ -126,6 +132,7 @@ def run_demo(out: Path, *, size: str = "default", seed: int = 0, preset: str = "
     if size not in SCHEDULES:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(SCHEDULES)}")
     schedule = SCHEDULES[size]
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     progress = DemoProgress(total=9 if control else 8)
     started_ray = init_ray(None, include_dashboard=True)  # one embedded Ray for every stage
@@ -265,11 +272,14 @@ def demo_command(
             print(f"error: --out {out} does not hold a demo run: not overwriting it", file=sys.stderr)
             raise typer.Exit(code=2)
         shutil.rmtree(out)
+    from pipeline.train_data import TrainDataError
+    from pipeline.train_student import TrainingInterrupted
+
     try:
         report = run_demo(out, size=size, seed=seed, preset=preset, control=control)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    except (ValueError, TrainDataError, TrainingInterrupted, FileNotFoundError) as error:
+        print(f"error: demo stopped: {error}", file=sys.stderr)
+        raise typer.Exit(code=1) from None
     models = report["models"]
     print(
         f"demo: teacher AP {100 * models['teacher']['AP']:.1f}, student AP {100 * models['student']['AP']:.1f} "

@@ -19,6 +19,7 @@ Layout of OUT:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -63,8 +64,29 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray Train workers do not run in the caller's directory)."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    sources = tuple(
+        dataclasses.replace(
+            spec,
+            paths=tuple(_absolute(p) for p in spec.paths),
+            images=_absolute(spec.images) or "",
+            label_map=_absolute(spec.label_map),
+        )
+        for spec in config.sources
+    )
+    return dataclasses.replace(config, out=_absolute(config.out), sources=sources, init=_absolute(config.init))
+
+
 def run_training(config: TrainConfig, *, resume: bool = False, address: str | None = None) -> TrainOutcome:
     """Train (or continue, with `resume`) the run in `config.out`; returns the final weights."""
+    config = with_absolute_paths(config)
     import fsspec
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -4,6 +4,7 @@ figures (recomputed here from the run's own files with pycocotools)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -13,8 +14,14 @@ from pipeline.cli import app
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = CliRunner().invoke(app, ["demo", "--size", "small", "--out", str(out), "--seed", "0"])
+    folder = tmp_path_factory.mktemp("demo")
+    out = folder / "run"
+    cwd = os.getcwd()
+    os.chdir(folder)  # a relative --out, as the README's command gives (Ray workers run elsewhere)
+    try:
+        result = CliRunner().invoke(app, ["demo", "--size", "small", "--out", "run", "--seed", "0"])
+    finally:
+        os.chdir(cwd)
     assert result.exit_code == 0, result.output
     assert "teacher AP" in result.output and "student AP" in result.output
     return out
