@@ -62,6 +62,9 @@ class StageRun:
     # Folder of the per-shard output markers when it is not `out` itself (pseudo-label writes
     # `out/detections/` and `out/pseudo/`, the tar being the marker, and `out/_stats.json`).
     marker_dir: str | None = None
+    # A shard whose worker fails is run again (a fresh pass over the failed shards) up to
+    # `retries` times; then it is reported in `_stats.json` as failed, with the last reason.
+    retries: int = 2
 
 
 def plan_shards(shards: Sequence[ShardSource], *, out: str, suffix: str, overwrite: bool) -> ShardPlan:
@@ -123,13 +126,25 @@ def run_stage(
             workers = min(width, len(plan.pending))
             started_at = time.perf_counter()  # Ray start-up is not stage throughput
             progress = ProgressReporter(stage=run.stage, total_shards=len(plan.pending), stream=progress_stream)
-            for report in run_on_ray(plan.pending, run=run, workers=workers, worker_factory=worker_factory):
-                if startup_seconds is None:
-                    # The first shard began `report.seconds` before it came back: what precedes
-                    # that is actor start-up (process spawn, model load), not throughput.
-                    startup_seconds = max(0.0, time.perf_counter() - report.seconds - started_at)
-                stats.add(report)
-                progress.update(report)
+            tasks = {task.shard_id: task for task in plan.pending}
+            attempt_tasks = list(plan.pending)
+            for attempt in range(1, run.retries + 2):
+                retry = []
+                for report in run_on_ray(attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory):
+                    if startup_seconds is None:
+                        # The first shard began `report.seconds` before it came back: what precedes
+                        # that is actor start-up (process spawn, model load), not throughput.
+                        startup_seconds = max(0.0, time.perf_counter() - report.seconds - started_at)
+                    if report.error is not None and attempt <= run.retries:
+                        retry.append(tasks[report.shard_id])
+                        continue
+                    if report.error is not None:
+                        report.error = f"{report.error} (failed {attempt} attempts)"
+                    stats.add(report)
+                    progress.update(report)
+                if not retry:
+                    break
+                attempt_tasks = retry
             finished_at = time.perf_counter()  # before Ray shuts down: not throughput either
         finally:
             shutdown_ray(started)

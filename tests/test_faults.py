@@ -91,5 +91,6 @@ def test_unreadable_shard_is_reported_and_the_rest_completes(world, phrases, ray
 
     stats = run_pseudo_label(replace(config, inputs=(str(shards),)))
     assert stats["shards"]["written"] == 2 and stats["shards"]["failed"] == 1
-    assert "00002" in stats["shards"]["failed_shards"] and "truncated" in stats["shards"]["failed_shards"]["00002"]
+    reason = stats["shards"]["failed_shards"]["00002"]
+    assert "truncated" in reason and "00002.tar" in reason and "(failed 3 attempts)" in reason
     assert sorted(p.name for p in (tmp_path / "out" / "pseudo").glob("*.tar")) == ["00000.tar", "00001.tar"]
