@@ -98,6 +98,28 @@ def test_submit_parse_captions_streams_logs_and_writes_outputs(cluster, shard, t
     assert "shard(s) written" in logs.output
 
 
+def test_submit_tiny_pseudo_label(cluster, shard, tmp_path):
+    from tests.pseudo_fixtures import tiny_teacher
+
+    phrases = tmp_path / "phrases"
+    result = CliRunner().invoke(
+        app, ["submit", "--address", cluster, "--working-dir", str(REPO), "--", "parse-captions", str(shard), "--out", str(phrases)]
+    )
+    assert result.exit_code == 0, result.output
+    teacher = tiny_teacher(tmp_path / "teacher.pth")
+    out = tmp_path / "labelled"
+    result = CliRunner().invoke(
+        app,
+        ["submit", "--address", cluster, "--working-dir", str(REPO), "--", "pseudo-label", str(shard), "--phrases", str(phrases),
+         "--teacher", str(teacher), "--out", str(out), "--min-size", "128", "--max-size", "192", "--preset", "owlst", "--workers", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "pseudo-label: 1 shard(s) written" in result.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["samples"] == 8 and stats["images"] == 8 and stats["written"] + sum(e["count"] for e in stats["skipped"].values()) == 8
+    assert (out / "pseudo" / "00000.tar").is_file() and (out / "detections" / "00000.parquet").is_file()
+
+
 def test_no_wait_and_failing_job(cluster, tmp_path):
     result = CliRunner().invoke(
         app,
