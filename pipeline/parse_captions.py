@@ -201,7 +201,8 @@ def parse_captions_command(
 ) -> None:
     """Parse captions into groundable phrases with character spans (spaCy on Ray Data).
 
-    A broken shard is reported in _stats.json and skipped (exit code stays 0); re-run to retry it.
+    A shard that still fails after the retries is reported in _stats.json, every other shard is
+    written, and the command exits 1; re-run it to retry the failed shards.
     """
     from nlp.cleaning import CleaningSettings
 

@@ -9,7 +9,11 @@ Contract (DESIGN.md, STYLE.md 5):
    stage's picklable `worker_factory`), `batch_size=1` shard per call,
    a fixed pool of `workers` actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`. The worker reads its
    shard, writes the outputs (data first, marker last) and returns a `ShardReport`; an
-   exception in one shard becomes that shard's `error`, the job goes on.
+   exception in one shard becomes that shard's `error`, the job goes on. Failed shards are
+   run again in up to `StageRun.retries` more passes (fresh actors); a shard still failing
+   is reported with its last reason and "(failed N attempts)". A worker process that dies
+   mid-shard is restarted by Ray Data and the shard re-run; its partial output never had a
+   final name, so every sample is written exactly once.
 3. The driver streams reports as shards finish (progress lines on stderr), merges them with
    the reports of shards done by earlier runs (`read_done_report`), and writes
    `{out}/_stats.json` last.

@@ -126,8 +126,15 @@ def write_stats(out: str, stats: dict[str, object]) -> str:
 
 
 def print_summary(stats: dict[str, object], out: str, *, counts: str) -> None:
-    """One closing line for a stage run (`counts` says what was made), then a warning per failed shard."""
+    """One closing line for a stage run (`counts` says what was made), then an error per failed shard.
+
+    When any shard failed (after the runner's bounded retries) it ends the command with exit
+    code 1 (`typer.Exit`), so a script, a Ray job or a KubeRay `RayJob` sees the run as failed
+    although every other shard's output is written; a re-run retries only the failed shards.
+    """
     import sys
+
+    import typer
 
     shards = stats["shards"]
     throughput = stats["throughput"]
@@ -137,5 +144,13 @@ def print_summary(stats: dict[str, object], out: str, *, counts: str) -> None:
         f"{shards['failed']} failed; {counts}; {throughput['samples_per_s']:,} samples/s this run. "
         f"Stats: {out.rstrip('/')}/_stats.json"
     )
-    for shard_id, reason in dict(shards["failed_shards"]).items():
-        print(f"warning: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)
+    failed = dict(shards["failed_shards"])
+    for shard_id, reason in failed.items():
+        print(f"error: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)
+    if failed:
+        print(
+            f"error: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); every other shard is written. "
+            f"Reasons: failed_shards in {out.rstrip('/')}/_stats.json",
+            file=sys.stderr,
+        )
+        raise typer.Exit(code=1)

@@ -79,15 +79,23 @@ def shard(tmp_path_factory, shared_data):
     return folder
 
 
-def test_submit_parse_captions_streams_logs_and_writes_outputs(cluster, shard, tmp_path):
-    out = tmp_path / "phrases"
+@pytest.fixture(scope="module")
+def submitted_phrases(cluster, shard, tmp_path_factory):
+    """parse-captions submitted to the cluster and followed: (CLI result, its --out folder)."""
+    out = tmp_path_factory.mktemp("submitted") / "phrases"
     result = CliRunner().invoke(
         app,
         ["submit", "--address", cluster, "--working-dir", str(REPO), "--job-id", "parse-test-1", "--",
          "parse-captions", str(shard), "--out", str(out), "--workers", "1"],
     )
+    return result, out
+
+
+def test_submit_parse_captions_streams_logs_and_writes_outputs(cluster, submitted_phrases):
+    result, out = submitted_phrases
     assert result.exit_code == 0, result.output
     assert "parse-captions: 1 shard(s) written" in result.output  # the job's own log, streamed
+    assert "job parse-test-1: SUCCEEDED" in result.output
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["samples"] == 8 and stats["shards"]["failed"] == 0
     assert (out / "00000.parquet").is_file()
@@ -98,14 +106,11 @@ def test_submit_parse_captions_streams_logs_and_writes_outputs(cluster, shard, t
     assert "shard(s) written" in logs.output
 
 
-def test_submit_tiny_pseudo_label(cluster, shard, tmp_path):
+def test_submit_tiny_pseudo_label(cluster, shard, submitted_phrases, tmp_path):
     from tests.pseudo_fixtures import tiny_teacher
 
-    phrases = tmp_path / "phrases"
-    result = CliRunner().invoke(
-        app, ["submit", "--address", cluster, "--working-dir", str(REPO), "--", "parse-captions", str(shard), "--out", str(phrases)]
-    )
-    assert result.exit_code == 0, result.output
+    phrases = submitted_phrases[1]
+    assert (phrases / "_stats.json").is_file(), submitted_phrases[0].output
     teacher = tiny_teacher(tmp_path / "teacher.pth")
     out = tmp_path / "labelled"
     result = CliRunner().invoke(
@@ -118,6 +123,62 @@ def test_submit_tiny_pseudo_label(cluster, shard, tmp_path):
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["samples"] == 8 and stats["images"] == 8 and stats["written"] + sum(e["count"] for e in stats["skipped"].values()) == 8
     assert (out / "pseudo" / "00000.tar").is_file() and (out / "detections" / "00000.parquet").is_file()
+
+
+def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, shared_data):
+    """`pipeline job stop` kills the job's driver (and its Ray Data actors) once a shard is out;
+    the same command submitted again skips the finished shards, and every output equals the
+    in-process worker's, row by row."""
+    import pyarrow.parquet as pq
+
+    from nlp.phrases import ExtractorSettings
+    from pipeline import storage
+    from pipeline.parse_captions import CaptionShardWorker
+    from pipeline.shards import CaptionColumns
+    from pipeline.stage import run_shard
+    from tests.test_parse_captions import comparable, task_for
+
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    shards.mkdir()
+    table = pq.read_table(shared_data / "captions" / "web_alt_text_10000.parquet", columns=["TEXT"])
+    names = [f"w{index:03d}.parquet" for index in range(10)]
+    for index, name in enumerate(names):
+        pq.write_table(table.slice(index * 150, 150), shards / name)
+    stage = ["parse-captions", str(shards), "--out", str(out), "--caption-column", "TEXT", "--workers", "1"]
+    base = ["submit", "--address", cluster, "--working-dir", str(REPO)]
+    first = CliRunner().invoke(app, [*base, "--no-wait", "--job-id", "stop-me-1", "--", *stage])
+    assert first.exit_code == 0, first.output
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster)
+    deadline = time.monotonic() + 240
+    while not (out.is_dir() and any(out.glob("w*.parquet"))):
+        assert time.monotonic() < deadline and client.get_job_status("stop-me-1").value not in ("SUCCEEDED", "FAILED")
+        time.sleep(0.05)
+    stop = CliRunner().invoke(app, ["job", "stop", "stop-me-1", "--address", cluster])
+    assert stop.exit_code == 0 and "stop requested" in stop.output
+    while (status := client.get_job_status("stop-me-1").value) not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status == "STOPPED"
+    assert "STOPPED" in CliRunner().invoke(app, ["job", "status", "stop-me-1", "--address", cluster]).output
+    finished = sorted(path.name for path in out.glob("w*.parquet"))
+    assert 1 <= len(finished) < len(names) and not (out / "_stats.json").exists()
+
+    again = CliRunner().invoke(app, [*base, "--job-id", "stop-me-2", "--", *stage])
+    assert again.exit_code == 0, again.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["shards"]["already_done"] == len(finished) and stats["shards"]["written"] == len(names) - len(finished)
+    assert stats["shards"]["failed"] == 0 and stats["samples"] == 1500
+    assert sorted(os.listdir(out)) == sorted([*names, "_stats.json"])  # no temporaries left
+    assert not [name for name in os.listdir(out) if storage.is_temporary_name(name)]
+    reference = CaptionShardWorker(
+        settings=ExtractorSettings(), columns=CaptionColumns(caption="TEXT"), pipeline_name=None, batch_size=256
+    )
+    for name in names:
+        run_shard(reference, task_for(shards / name, tmp_path / "reference"))
+        assert comparable(out / name) == comparable(tmp_path / "reference" / name), name
 
 
 def test_no_wait_and_failing_job(cluster, tmp_path):
