@@ -48,13 +48,20 @@ class ModulatedDeformConv(nn.Module):
 
 
 class Conv3x3Norm(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int, groups: int) -> None:
+    """3x3 conv + GroupNorm: modulated deformable (the official models) or a plain conv
+    (`MODEL.DYHEAD.USE_DFCONV: False`; same state-dict keys)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, groups: int, deformable: bool = True) -> None:
         super().__init__()
-        self.conv = ModulatedDeformConv(in_channels, out_channels, stride=stride)
+        if deformable:
+            self.conv = ModulatedDeformConv(in_channels, out_channels, stride=stride)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        self.deformable = deformable
         self.bn = nn.GroupNorm(groups, out_channels)
 
-    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        return self.bn(self.conv(x, offset, mask))
+    def forward(self, x: Tensor, offset: Tensor | None, mask: Tensor | None) -> Tensor:
+        return self.bn(self.conv(x, offset, mask) if self.deformable else self.conv(x))
 
 
 class DYReLU(nn.Module):
@@ -77,16 +84,17 @@ class DYReLU(nn.Module):
 
 
 class DyConv(nn.Module):
-    """Scale-aware DyHead step over the five levels with deformable convs and DyReLU."""
+    """Scale-aware DyHead step over the five levels with (deformable) convs and DyReLU."""
 
-    def __init__(self, channels: int, *, groups: int) -> None:
+    def __init__(self, channels: int, *, groups: int, deformable: bool = True) -> None:
         super().__init__()
         self.DyConv = nn.ModuleList(
-            [Conv3x3Norm(channels, channels, stride=s, groups=groups) for s in (1, 1, 2)]
+            [Conv3x3Norm(channels, channels, stride=s, groups=groups, deformable=deformable) for s in (1, 1, 2)]
         )
         self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1), nn.ReLU(inplace=True))
         self.relu = DYReLU(channels)
-        self.offset = nn.Conv2d(channels, 27, kernel_size=3, padding=1)
+        # Offsets and modulation masks of the deformable convs, shared by the three branches.
+        self.offset = nn.Conv2d(channels, 27, kernel_size=3, padding=1) if deformable else None
         nn.init.normal_(self.AttnConv[1].weight, std=0.01)
         nn.init.zeros_(self.AttnConv[1].bias)
 
@@ -94,8 +102,10 @@ class DyConv(nn.Module):
         visual = inputs["visual"]
         out = []
         for level, feature in enumerate(visual):
-            offset_mask = self.offset(feature)
-            offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
+            offset = mask = None
+            if self.offset is not None:
+                offset_mask = self.offset(feature)
+                offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
             branches = [self.DyConv[1](feature, offset, mask)]
             if level > 0:
                 branches.append(self.DyConv[2](visual[level - 1], offset, mask))
@@ -136,7 +146,7 @@ class VLDyHead(nn.Module):
                 tower.append(BertEncoderLayer(hidden=lang_dim, heads=config.language.num_attention_heads,
                                               intermediate=config.language.intermediate_size,
                                               eps=config.language.layer_norm_eps))
-            tower.append(DyConv(channels, groups=head.group_norm_groups))
+            tower.append(DyConv(channels, groups=head.group_norm_groups, deformable=head.deformable))
         self.dyhead_tower = nn.Sequential(*tower)
 
         bias_value = -math.log((1 - head.prior_prob) / head.prior_prob)

@@ -71,6 +71,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     bf16: bool = True
     grad_checkpointing: bool = False
+    freeze_text: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int | None = 3
     log_every: int = 10
@@ -173,14 +174,18 @@ def build_student(config: TrainConfig) -> torch.nn.Module:
 
     torch.manual_seed(config.seed)  # identical initial weights on every worker
     if config.init:
-        model, _ = load_glip(config.init, config=config.variant)
+        from pipeline.storage import local_copy
+
+        model, _ = load_glip(local_copy(config.init), config=config.variant)  # s3://, gs:// or local
     else:
         model = GLIP(get_config(config.variant))
     if config.init_text == "minilm":
         load_minilm_text_encoder(model)
     # The 80-class cls_logits head is never trained in GLIP (its loss is multiplied by 0).
+    # A frozen text encoder (MODEL.LANGUAGE_BACKBONE.FREEZE) keeps its weights; the fusion
+    # and extra BERT layers of the head still train.
     for name, parameter in model.named_parameters():
-        if name.startswith("rpn.head.cls_logits"):
+        if name.startswith("rpn.head.cls_logits") or (config.freeze_text and name.startswith("language_backbone.")):
             parameter.requires_grad_(False)
     if config.grad_checkpointing:
         enable_gradient_checkpointing(model)

@@ -288,6 +288,9 @@ def train_student(
     cpus_per_worker: Optional[int] = typer.Option(None, help="CPUs per worker (default: all cores / workers locally, 4 with GPUs)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations (Swin-L)."),
+    freeze_text: bool = typer.Option(
+        False, "--freeze-text", help="Keep the text encoder's weights fixed (MODEL.LANGUAGE_BACKBONE.FREEZE); fusion layers still train."
+    ),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
     keep_checkpoints: Optional[int] = typer.Option(3, "--keep-checkpoints", help="Checkpoints kept (latest)."),
     log_every: int = typer.Option(10, "--log-every", help="Steps between progress lines."),
@@ -335,6 +338,7 @@ def train_student(
             cpus_per_worker=cpus_per_worker,
             bf16=bf16,
             grad_checkpointing=grad_checkpointing,
+            freeze_text=freeze_text,
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
             log_every=log_every,

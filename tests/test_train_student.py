@@ -187,3 +187,19 @@ def test_init_from_checkpoint_keeps_weights_at_zero_lr(ray_cluster, tmp_path, ov
     )
     before, after = _weights(teacher), _weights(Path(outcome.student))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_freeze_text_keeps_the_text_encoder_and_trains_the_rest(ray_cluster, tmp_path, overfit_json, shared_data):
+    """`--freeze-text` on the demo's `tiny-cpu` variant with two 1-CPU DDP workers: the text
+    encoder leaves training exactly as all-MiniLM-L6-v2 loaded it, the head does not."""
+    from pipeline.train_loop import build_student
+
+    config = _config(tmp_path / "frozen", overfit_json, shared_data / IMAGES, variant="tiny-cpu", steps=2, freeze_text=True,
+                     workers=2, cpus_per_worker=1, lang_lr=1e-3)
+    start = build_student(config).state_dict()
+    after = {k.removeprefix("module."): v for k, v in _weights(Path(run_training(config).student)).items()}  # official layout
+    text = [k for k in start if k.startswith("language_backbone.") and k in after]
+    assert len(text) > 50 and all(torch.equal(start[k], after[k]) for k in text)
+    head = [k for k in start if k.startswith("rpn.head.dyhead_tower.") and k.endswith("weight")]
+    assert not any(".offset." in k for k in after)  # plain convs in DyHead
+    assert sum(not torch.equal(start[k], after[k]) for k in head) > len(head) // 2
