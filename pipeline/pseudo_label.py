@@ -79,11 +79,13 @@ def teacher_identity(path: str) -> dict[str, str]:
     """Provenance of the teacher: file name, sha256 and variant (read from the checkpoint keys)."""
     from model.checkpoint import detect_variant, drop_ignored_keys, file_sha256, read_checkpoint, strip_module_prefix
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--teacher {path}: checkpoint not found")
-    state, metadata, _ = read_checkpoint(path)
+    try:
+        local = storage.local_copy(path)  # object-store teachers are downloaded once per machine
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--teacher {path}: checkpoint not found") from None
+    state, metadata, _ = read_checkpoint(local)
     variant = (metadata or {}).get("variant") or detect_variant(drop_ignored_keys(strip_module_prefix(state)))
-    return {"checkpoint": os.path.basename(path), "sha256": file_sha256(path), "variant": str(variant)}
+    return {"checkpoint": storage.basename(path), "sha256": file_sha256(local), "variant": str(variant)}
 
 
 @dataclass
@@ -108,7 +110,7 @@ class PseudoLabelWorker:
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.cpus_per_worker)))
         self.predictor = GLIPPredictor.from_checkpoint(
-            config.teacher, config=config.config, device=device, min_size=config.min_size,
+            storage.local_copy(config.teacher), config=config.config, device=device, min_size=config.min_size,
             max_size=config.max_size, bf16=config.bf16 and device == "cuda",
         )
         self.config = config

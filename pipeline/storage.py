@@ -140,6 +140,34 @@ def expand_inputs(inputs: Sequence[str], *, suffixes: Sequence[str]) -> list[str
     return list(found)
 
 
+def local_copy(uri: str, *, cache_dir: str | None = None) -> str:
+    """A local path holding the file `uri`: local paths as they are; object-store files are
+    downloaded once per machine into `cache_dir` (default `$GLIP_CACHE_DIR` or
+    ~/.cache/glip-engine/files), under a name derived from the URI, its size and its
+    modification tag, through a temporary file renamed when complete (concurrent actors on one
+    node never read a partial copy)."""
+    import hashlib
+
+    location = resolve(uri)
+    if location.is_local:
+        if not os.path.isfile(location.path):
+            raise FileNotFoundError(f"{uri}: file not found")
+        return location.path
+    try:
+        info = location.fs.info(location.path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: file not found") from None
+    tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+    digest = hashlib.sha256(f"{uri}|{info.get('size')}|{tag}".encode()).hexdigest()[:16]
+    folder = cache_dir or os.environ.get("GLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "glip-engine", "files")
+    target = os.path.join(folder, f"{digest}-{basename(uri)}")
+    if not os.path.isfile(target):
+        with atomic_writer(target) as handle, location.fs.open(location.path, "rb") as source:
+            while chunk := source.read(16 << 20):
+                handle.write(chunk)
+    return target
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Write `data` to `uri` so that readers see either nothing or the whole file."""
     with atomic_writer(uri) as handle:

@@ -4,6 +4,8 @@ processes only."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import signal
@@ -205,7 +207,16 @@ def test_cluster_manifests_parse_and_name_real_options():
     import typer.main
     import yaml
 
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     cluster = yaml.safe_load((REPO / "jobs/cluster.yaml").read_text())
+    # What `ray up` checks: defaults filled in, then Ray's own cluster-launcher schema.
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    typo = copy.deepcopy(cluster)
+    typo["available_node_types"]["gpu_worker"]["max_wokers"] = 3
+    with pytest.raises(ValidationError, match="max_wokers"):
+        validate_config(prepare_config(typo))
     assert cluster["head_node_type"] in cluster["available_node_types"]
     assert cluster["available_node_types"]["gpu_worker"]["max_workers"] > cluster["available_node_types"]["gpu_worker"]["min_workers"]
     job = yaml.safe_load((REPO / "jobs/rayjob-pseudo-label.yaml").read_text())

@@ -67,3 +67,53 @@ def test_parse_captions_s3_to_s3_with_resume(s3, tmp_path, shared_data):
     again = run_parse_captions(config)
     assert again["shards"]["written"] == 1 and again["shards"]["already_done"] == 1 and again["samples"] == 10
     assert json.loads(s3.cat("engine/phrases/_stats.json"))["shards"]["already_done"] == 1
+
+
+def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shared_data, monkeypatch):
+    """`--teacher s3://...` with shards, phrases and outputs on S3: the teacher is downloaded
+    once into the local cache, its provenance names the object, and every detection row equals
+    a run of the same teacher from a local file on local folders."""
+    import ray
+    from typer.testing import CliRunner
+
+    from nlp.phrases import ExtractorSettings
+    from pipeline.cli import app
+    from pipeline.labels_io import read_detections
+    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
+    from tests.pseudo_fixtures import tiny_teacher
+
+    monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
+    samples = coco_samples(shared_data, 5)
+    local = tmp_path / "local"
+    (local / "web").mkdir(parents=True)
+    write_shard(local / "web/00000.tar", [(k, "jpg", d, c) for k, d, c in samples])
+    s3.put(str(local / "web/00000.tar"), "engine/web/00000.tar")
+    teacher = tiny_teacher(tmp_path / "teacher.pth")
+    s3.put(str(teacher), "engine/models/teacher.pth")
+
+    settings = ExtractorSettings()
+    flags = ["--min-size", "128", "--max-size", "192", "--batch-size", "2", "--workers", "1", "--preset", "owlst"]
+    try:
+        run_parse_captions(ParseCaptionsConfig(inputs=("s3://engine/web",), out="s3://engine/phrases", settings=settings, workers=1))
+        run_parse_captions(ParseCaptionsConfig(inputs=(str(local / "web"),), out=str(local / "phrases"), settings=settings, workers=1))
+        remote = CliRunner().invoke(app, ["pseudo-label", "s3://engine/web", "--phrases", "s3://engine/phrases",
+                                          "--teacher", "s3://engine/models/teacher.pth", "--out", "s3://engine/labelled", *flags])
+        assert remote.exit_code == 0, remote.output
+        here = CliRunner().invoke(app, ["pseudo-label", str(local / "web"), "--phrases", str(local / "phrases"),
+                                        "--teacher", str(teacher), "--out", str(local / "labelled"), *flags])
+        assert here.exit_code == 0, here.output
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].read_bytes() == teacher.read_bytes()
+    got, metadata = read_detections("s3://engine/labelled/detections/00000.parquet")
+    want, _ = read_detections(str(local / "labelled/detections/00000.parquet"))
+    assert [r.key for r in got] == [k for k, _, _ in samples]
+    assert got == want and sum(len(r.boxes) for r in got) > 0
+    assert json.loads(metadata["teacher"])["checkpoint"] == "teacher.pth"
+    assert s3.exists("engine/labelled/pseudo/00000.tar")
+
+    missing = CliRunner().invoke(app, ["pseudo-label", "s3://engine/web", "--phrases", "s3://engine/phrases",
+                                       "--teacher", "s3://engine/models/nope.pth", "--out", "s3://engine/x", *flags])
+    assert missing.exit_code != 0 and "s3://engine/models/nope.pth" in missing.output
