@@ -127,25 +127,78 @@ def test_submit_tiny_pseudo_label(cluster, shard, submitted_phrases, tmp_path):
     assert (out / "pseudo" / "00000.tar").is_file() and (out / "detections" / "00000.parquet").is_file()
 
 
-def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, shared_data):
-    """`pipeline job stop` kills the job's driver (and its Ray Data actors) once a shard is out;
-    the same command submitted again skips the finished shards, and every output equals the
-    in-process worker's, row by row."""
+def _alt_text_shards(shared_data: Path, folder: Path) -> list[str]:
+    """Ten Parquet shards of 150 raw web alt-texts each (slow enough to interrupt)."""
     import pyarrow.parquet as pq
 
+    folder.mkdir()
+    table = pq.read_table(shared_data / "captions" / "web_alt_text_10000.parquet", columns=["TEXT"])
+    names = [f"w{index:03d}.parquet" for index in range(10)]
+    for index, name in enumerate(names):
+        pq.write_table(table.slice(index * 150, 150), folder / name)
+    return names
+
+
+def _assert_equal_to_in_process_worker(shards: Path, out: Path, names: list[str], reference: Path) -> None:
     from nlp.phrases import ExtractorSettings
-    from pipeline import storage
     from pipeline.parse_captions import CaptionShardWorker
     from pipeline.shards import CaptionColumns
     from pipeline.stage import run_shard
     from tests.test_parse_captions import comparable, task_for
 
+    worker = CaptionShardWorker(
+        settings=ExtractorSettings(), columns=CaptionColumns(caption="TEXT"), pipeline_name=None, batch_size=256
+    )
+    for name in names:
+        run_shard(worker, task_for(shards / name, reference))
+        assert comparable(out / name) == comparable(reference / name), name
+
+
+def test_worker_killed_inside_a_submitted_job(cluster, tmp_path, shared_data):
+    """A Ray Data shard actor of a submitted job, killed by its pid (found through this
+    cluster's state API) while the job runs: Ray replaces it, the job SUCCEEDS and every
+    output equals the in-process worker's, with each of the 1500 samples written once."""
+    import signal as signals
+
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
     shards, out = tmp_path / "shards", tmp_path / "out"
-    shards.mkdir()
-    table = pq.read_table(shared_data / "captions" / "web_alt_text_10000.parquet", columns=["TEXT"])
-    names = [f"w{index:03d}.parquet" for index in range(10)]
-    for index, name in enumerate(names):
-        pq.write_table(table.slice(index * 150, 150), shards / name)
+    names = _alt_text_shards(shared_data, shards)
+    stage = ["parse-captions", str(shards), "--out", str(out), "--caption-column", "TEXT", "--workers", "1"]
+    first = CliRunner().invoke(app, ["submit", "--address", cluster, "--working-dir", str(REPO), "--no-wait",
+                                     "--job-id", "kill-worker-1", "--", *stage])
+    assert first.exit_code == 0, first.output
+    client = JobSubmissionClient(cluster)
+    deadline = time.monotonic() + 240
+    killed = None
+    while killed is None:
+        assert time.monotonic() < deadline and client.get_job_status("kill-worker-1").value not in ("SUCCEEDED", "FAILED")
+        if out.is_dir() and any(out.glob("w*.parquet")):  # one shard out, the actor is on the next
+            actors = list_actors(address=cluster, filters=[("state", "=", "ALIVE")], limit=1000)
+            pids = [int(a.pid) for a in actors if "MapWorker" in (a.class_name or "") and a.pid]
+            if pids:
+                killed = pids[0]
+                os.kill(killed, signals.SIGKILL)
+        time.sleep(0.05)
+    while (status := client.get_job_status("kill-worker-1").value) not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status == "SUCCEEDED", client.get_job_logs("kill-worker-1")[-3000:]
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["shards"]["failed"] == 0 and stats["samples"] == 1500
+    assert sorted(os.listdir(out)) == sorted([*names, "_stats.json"])  # no temporaries left
+    _assert_equal_to_in_process_worker(shards, out, names, tmp_path / "reference")
+
+
+def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, shared_data):
+    """`pipeline job stop` kills the job's driver (and its Ray Data actors) once a shard is out;
+    the same command submitted again skips the finished shards, and every output equals the
+    in-process worker's, row by row."""
+    from pipeline import storage
+
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    names = _alt_text_shards(shared_data, shards)
     stage = ["parse-captions", str(shards), "--out", str(out), "--caption-column", "TEXT", "--workers", "1"]
     base = ["submit", "--address", cluster, "--working-dir", str(REPO)]
     first = CliRunner().invoke(app, [*base, "--no-wait", "--job-id", "stop-me-1", "--", *stage])
@@ -175,12 +228,7 @@ def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, 
     assert stats["shards"]["failed"] == 0 and stats["samples"] == 1500
     assert sorted(os.listdir(out)) == sorted([*names, "_stats.json"])  # no temporaries left
     assert not [name for name in os.listdir(out) if storage.is_temporary_name(name)]
-    reference = CaptionShardWorker(
-        settings=ExtractorSettings(), columns=CaptionColumns(caption="TEXT"), pipeline_name=None, batch_size=256
-    )
-    for name in names:
-        run_shard(reference, task_for(shards / name, tmp_path / "reference"))
-        assert comparable(out / name) == comparable(tmp_path / "reference" / name), name
+    _assert_equal_to_in_process_worker(shards, out, names, tmp_path / "reference")
 
 
 def test_no_wait_and_failing_job(cluster, tmp_path):
