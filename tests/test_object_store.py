@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 
 import pytest
 
@@ -25,6 +26,8 @@ def s3(monkeypatch):
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    # moto keeps its buckets in the process, across servers: start every test from nothing.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=30)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -117,3 +120,35 @@ def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shar
     missing = CliRunner().invoke(app, ["pseudo-label", "s3://engine/web", "--phrases", "s3://engine/phrases",
                                        "--teacher", "s3://engine/models/nope.pth", "--out", "s3://engine/x", *flags])
     assert missing.exit_code != 0 and "s3://engine/models/nope.pth" in missing.output
+
+
+def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatch):
+    """train-student with its COCO JSON on S3 and `--out s3://...`: Ray Train's checkpoints,
+    the run's files and the final student land on S3; the student loads (via the local cache)
+    and `--init s3://...` starts a new run from it."""
+    import torch
+
+    from model.checkpoint import load_glip
+    from pipeline import storage
+    from pipeline.train_data import SourceSpec
+    from pipeline.train_loop import TrainConfig, build_student
+    from pipeline.train_student import run_training
+
+    monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
+    coco = json.loads((shared_data / "coco_mini/annotations/instances_train2017_subset.json").read_text())
+    keep = [image for image in coco["images"]][:2]
+    ids = {image["id"] for image in keep}
+    subset = {**coco, "images": keep, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    s3.pipe("engine/gold/instances.json", json.dumps(subset).encode())
+    source = SourceSpec(kind="coco", paths=("s3://engine/gold/instances.json",), images=str(shared_data / "coco_mini/train2017"))
+    config = TrainConfig(variant="tiny-cpu", out="s3://engine/student", sources=(source,), steps=2, batch_size=1, min_sizes=(128,),
+                         max_size=160, checkpoint_every=1, log_every=1, cpus_per_worker=1, init_text="minilm", freeze_text=True)
+    outcome = run_training(config)
+    assert outcome.student == "s3://engine/student/student.pth"
+    names = {path.rsplit("/", 1)[-1] for path in s3.ls("engine/student")}
+    assert {"student.pth", "_stats.json", "train_config.json", "ray"} <= names
+    model, _ = load_glip(storage.local_copy(outcome.student))
+    assert model.config.name == "tiny-cpu"
+    again = build_student(TrainConfig(variant="tiny-cpu", out="unused", sources=(), steps=1, init=outcome.student))
+    trained = model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in again.state_dict().items())
