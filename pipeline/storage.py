@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 TEMP_MARKER = ".tmp-"
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject extras per protocol
 _GLOB_CHARS = "*?["
 
 
@@ -52,7 +53,13 @@ def resolve(uri: str) -> Location:
         raise ValueError(f"not a path or URI: {uri!r}")
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
-    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError as error:  # fsspec knows the protocol but its package is not installed
+        scheme = uri.split("://", 1)[0]
+        extra = _EXTRAS.get(scheme)
+        hint = f" (pip install 'glip-data-engine[{extra}]')" if extra else ""
+        raise ImportError(f"{uri}: no filesystem for {scheme}:// is installed{hint}: {error}") from error
     return Location(fs=fs, path=path, uri=uri)
 
 

@@ -1,6 +1,8 @@
 """Stages on object storage: parse-captions reads shards from and writes phrases to an
-S3-compatible server (moto's server mode on 127.0.0.1, started here), resumes there, and
-leaves no partial object under a final name."""
+S3-compatible server (moto's server mode on 127.0.0.1, started here) and to a GCS emulator
+(gcp-storage-emulator on 127.0.0.1, reached by gcsfs through STORAGE_EMULATOR_HOST), resumes
+there, and leaves no partial object under a final name; pseudo-label and train-student read
+and write S3."""
 
 from __future__ import annotations
 
@@ -45,7 +47,31 @@ def s3(monkeypatch):
     server.stop()
 
 
-def test_parse_captions_s3_to_s3_with_resume(s3, tmp_path, shared_data):
+@pytest.fixture
+def gcs(monkeypatch):
+    from gcp_storage_emulator.server import create_server
+
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="engine")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    # gcsfs's default class asks GCS's storage-control gRPC service for each bucket's layout;
+    # the emulator serves only the JSON API, so use the plain GCSFileSystem (what gcsfs falls
+    # back to anyway after a warning). Set before gcsfs is imported; Ray workers inherit it.
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("gs")  # the instance the stages get for gs:// URIs
+    yield fs
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    server.stop()
+
+
+def _parse_captions_with_resume(fs, scheme: str, tmp_path, shared_data) -> None:
+    """parse-captions from `{scheme}://engine/web` to `{scheme}://engine/phrases`, then again
+    after one output was deleted: only that shard is redone."""
     import ray
 
     from nlp.phrases import ExtractorSettings
@@ -55,21 +81,45 @@ def test_parse_captions_s3_to_s3_with_resume(s3, tmp_path, shared_data):
     samples = coco_samples(shared_data, 10)
     for shard, chunk in (("00000", samples[:6]), ("00001", samples[6:])):
         write_shard(tmp_path / f"{shard}.tar", [(k, "jpg", d, c) for k, d, c in chunk])
-        s3.put(str(tmp_path / f"{shard}.tar"), f"engine/web/{shard}.tar")
-    config = ParseCaptionsConfig(inputs=("s3://engine/web",), out="s3://engine/phrases", settings=ExtractorSettings(), workers=1)
+        fs.put(str(tmp_path / f"{shard}.tar"), f"engine/web/{shard}.tar")
+    config = ParseCaptionsConfig(inputs=(f"{scheme}://engine/web",), out=f"{scheme}://engine/phrases", settings=ExtractorSettings(), workers=1)
     assert not ray.is_initialized()
     stats = run_parse_captions(config)
     assert stats["samples"] == 10 and stats["shards"]["written"] == 2 and stats["shards"]["failed"] == 0
-    names = sorted(path.rsplit("/", 1)[-1] for path in s3.ls("engine/phrases"))
+    fs.invalidate_cache()
+    names = sorted(path.rsplit("/", 1)[-1] for path in fs.ls("engine/phrases"))
     assert names == ["00000.parquet", "00001.parquet", "_stats.json"]  # no temporaries left
-    table = read_phrases_file("s3://engine/phrases/00000.parquet")
+    table = read_phrases_file(f"{scheme}://engine/phrases/00000.parquet")
     assert table.column("key").to_pylist() == [k for k, _, _ in samples[:6]]
     assert all(row for row in table.column("phrases").to_pylist())
 
-    s3.rm("engine/phrases/00001.parquet")  # as if the run had died before this shard finished
+    fs.rm("engine/phrases/00001.parquet")  # as if the run had died before this shard finished
     again = run_parse_captions(config)
     assert again["shards"]["written"] == 1 and again["shards"]["already_done"] == 1 and again["samples"] == 10
-    assert json.loads(s3.cat("engine/phrases/_stats.json"))["shards"]["already_done"] == 1
+    fs.invalidate_cache()
+    assert json.loads(fs.cat("engine/phrases/_stats.json"))["shards"]["already_done"] == 1
+
+
+def test_parse_captions_s3_to_s3_with_resume(s3, tmp_path, shared_data):
+    _parse_captions_with_resume(s3, "s3", tmp_path, shared_data)
+
+
+def test_parse_captions_gs_to_gs_with_resume_and_a_gs_checkpoint(gcs, tmp_path, shared_data, monkeypatch):
+    from pipeline import storage
+
+    _parse_captions_with_resume(gcs, "gs", tmp_path, shared_data)
+    # A checkpoint on GCS: downloaded once into the cache, re-downloaded when the object changes.
+    monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
+    gcs.pipe("engine/models/teacher.pth", b"first version")
+    first = storage.local_copy("gs://engine/models/teacher.pth")
+    assert open(first, "rb").read() == b"first version"
+    assert storage.local_copy("gs://engine/models/teacher.pth") == first
+    gcs.pipe("engine/models/teacher.pth", b"second version, longer")
+    gcs.invalidate_cache()
+    second = storage.local_copy("gs://engine/models/teacher.pth")
+    assert second != first and open(second, "rb").read() == b"second version, longer"
+    with pytest.raises(FileNotFoundError, match="gs://engine/models/nope.pth"):
+        storage.local_copy("gs://engine/models/nope.pth")
 
 
 def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shared_data, monkeypatch):

@@ -27,6 +27,16 @@ def test_resolve_makes_local_paths_absolute_and_keeps_uris(tmp_path: Path, monke
         storage.resolve("")
 
 
+def test_a_uri_without_its_filesystem_package_names_the_uri() -> None:
+    try:
+        import adlfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("adlfs is installed here")
+    with pytest.raises(ImportError, match=r"abfs://container/shards: no filesystem for abfs:// is installed"):
+        storage.resolve("abfs://container/shards")
+
 def test_expand_inputs_takes_files_globs_and_folders(tmp_path: Path) -> None:
     a = touch(tmp_path / "shards" / "00000.tar")
     b = touch(tmp_path / "shards" / "00001.tar")
