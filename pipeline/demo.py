@@ -47,7 +47,7 @@ class DemoSchedule:
 
 SCHEDULES = {
     "small": DemoSchedule(teacher_steps=4, student_steps=4, min_sizes=(128,), gallery=8),
-    "default": DemoSchedule(teacher_steps=600, student_steps=400),
+    "default": DemoSchedule(teacher_steps=560, student_steps=360),
     "large": DemoSchedule(teacher_steps=3000, student_steps=3000),
 }
 PRESET_NAMES = ("glip", "grit", "owlst")
