@@ -182,8 +182,13 @@ def run_demo(out: Path, *, size: str = "default", seed: int = 0, preset: str = "
             }
 
         progress.begin(f"train student on gold + pseudo ({preset})")
-        pseudo_source = SourceSpec(kind="pseudo", paths=(str(out / "filtered" / preset / "pseudo"),))
-        student = _train(out / "student", [*gold, pseudo_source], schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"])
+        student_sources = list(gold)
+        if presets[preset]["images"]:
+            student_sources.append(SourceSpec(kind="pseudo", paths=(str(out / "filtered" / preset / "pseudo"),)))
+        else:  # a teacher whose scores all stay under the preset's threshold (e.g. --size small)
+            print(f"demo: the {preset} preset kept no pseudo-label (every teacher score is under its threshold); "
+                  "the student trains on gold only", flush=True)
+        student = _train(out / "student", student_sources, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"])
         if control:
             progress.begin("train control: teacher + the same steps on gold only")
             control_run = _train(out / "control", gold, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"])
@@ -206,6 +211,7 @@ def run_demo(out: Path, *, size: str = "default", seed: int = 0, preset: str = "
         "world": asdict(SIZES[size]),
         "models": models,
         "student_minus_teacher_AP": round(100 * (models["student"]["AP"] - models["teacher"]["AP"]), 2),
+        "student_pseudo_images": presets[preset]["images"],
         "pseudo_labels": presets,
         "throughput": {
             "parse_captions_per_s": parse_stats["throughput"]["samples_per_s"],
@@ -241,6 +247,10 @@ def render_html(report: dict) -> str:
     throughput = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in report["throughput"].items())
     stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in report["stage_seconds"].items())
     delta = report["student_minus_teacher_AP"]
+    no_pseudo = ""
+    if not report.get("student_pseudo_images", 1):
+        no_pseudo = (f"<p><b>The {html.escape(report['preset'])} preset kept no pseudo-label</b> (every teacher score is under "
+                     "its threshold): the student trained on gold only, like the control.</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>GLIP data engine demo</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse;margin:8px 0 20px}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left;background:#f4f4f4}}
@@ -252,7 +262,7 @@ total {report['total_seconds']} s. Every number below comes from pycocotools on 
 <h2>Test split (zero-shot detection, class names as the prompt)</h2>
 <table><tr><th>model</th>{''.join(f'<th>{k}</th>' for k in ap_keys)}</tr>{rows}</table>
 <p>teacher: trained on gold only; student: teacher weights + {report['schedule']['student_steps']} steps on gold + pseudo;
-control: teacher weights + the same steps on gold only.</p>
+control: teacher weights + the same steps on gold only.</p>{no_pseudo}
 <h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
 <table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>
 <h2>Throughput</h2><table>{throughput}</table>

@@ -375,7 +375,10 @@ class PseudoShardStream:
 
     Each epoch visits this worker's shards (all shards split round-robin across workers, or,
     with fewer shards than workers, every shard with samples split by position) in an order
-    drawn from (seed, rank, epoch). `open_shards` shards are read at a time; each sample is
+    drawn from (seed, rank, epoch). Filtering leaves shards uneven, some empty: a worker whose
+    share holds no sample for a whole epoch widens it (round-robin shards -> every shard with
+    samples split by position -> every sample), so a pseudo set with any sample in it trains on
+    any number of workers. `open_shards` shards are read at a time; each sample is
     drawn from a random open shard and shards are consumed in a per-shard random order.
     """
 
@@ -388,14 +391,23 @@ class PseudoShardStream:
             raise TrainDataError("pseudo: no shards given")
         self.all_shards = list(shards)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.split_samples = len(self.all_shards) < world_size
-        self.shards = self.all_shards if self.split_samples else self.all_shards[rank::world_size]
+        # This worker's share: 0 = its round-robin shards, 1 = every shard, samples split by
+        # position, 2 = every sample (only when the narrower shares hold none).
+        self.share = 0 if world_size == 1 or len(self.all_shards) >= world_size else 1
         self.open_shards = max(1, open_shards)
         self.epoch = 0
         self.next_shard = 0  # position in this epoch's shard order
         self.draws = 0
         self.active: list[dict] = []  # {"shard": index, "cursor": int, "order": [...] , "samples": [...]}
         self.empty_epochs = 0
+
+    @property
+    def shards(self) -> list[str]:
+        return self.all_shards[self.rank :: self.world_size] if self.share == 0 else self.all_shards
+
+    @property
+    def split_samples(self) -> bool:
+        return self.share == 1
 
     def _order(self, epoch: int) -> list[int]:
         rng = np.random.default_rng([self.seed, self.rank, 101, epoch])
@@ -417,7 +429,11 @@ class PseudoShardStream:
                 self.next_shard = 0
                 self.empty_epochs += 1
                 if self.empty_epochs > 2:
-                    raise TrainDataError(f"pseudo: shards {self.shards[:3]}... hold no complete sample")
+                    if self.share < 2 and self.world_size > 1:
+                        self.share += 1  # this worker's share is empty: widen it
+                        self.epoch, self.empty_epochs = 0, 0
+                        continue
+                    raise TrainDataError(f"pseudo: shards {self.all_shards[:3]}... hold no complete sample")
             shard_index = self._order(self.epoch)[self.next_shard]
             self.next_shard += 1
             loaded = self._load(shard_index)
@@ -443,6 +459,7 @@ class PseudoShardStream:
 
     def state_dict(self) -> dict:
         return {
+            "share": self.share,
             "epoch": self.epoch,
             "next_shard": self.next_shard,
             "draws": self.draws,
@@ -450,16 +467,19 @@ class PseudoShardStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.share = int(state.get("share", self.share))
         self.epoch, self.next_shard, self.draws = int(state["epoch"]), int(state["next_shard"]), int(state["draws"])
         self.active = [self._load(int(s["shard"]), int(s["cursor"])) for s in state["active"]]
 
     def count_samples(self) -> int:
-        """Samples this worker sees per epoch (reads every shard once)."""
-        total = 0
-        for shard in self.shards:
-            count = len(read_pseudo_shard(shard))
-            total += len(range(self.rank, count, self.world_size)) if self.split_samples else count
-        return total
+        """Samples this worker sees per epoch (reads every shard once), in the share it would
+        widen to if its own held none."""
+        counts = [len(read_pseudo_shard(shard)) for shard in self.all_shards]
+        own = sum(counts[self.rank :: self.world_size]) if self.share == 0 else 0
+        if own:
+            return own
+        split = sum(len(range(self.rank, count, self.world_size)) for count in counts)
+        return split if split and self.share <= 1 else sum(counts)
 
 
 # -- mixing -------------------------------------------------------------------------------

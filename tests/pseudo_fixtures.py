@@ -88,3 +88,32 @@ def tiny_teacher(path: Path, seed: int = 0, token_bias: float = 4.0) -> Path:
             if name.endswith("bias0"):
                 parameter.fill_(token_bias)
     return Path(save_glip(model, path, provenance={"note": "random tiny teacher for tests"}))
+
+
+def write_pseudo_shards(folder: Path, shared_data: Path, coco: dict, *, shards: int, per_shard: int) -> list[str]:
+    """Pseudo tars in the DESIGN.md format with real COCO images and their gold boxes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = sorted(coco["images"], key=lambda i: i["id"])
+    keys = []
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for slot in range(per_shard):
+                image = images[(shard * per_shard + slot) % len(images)]
+                key = f"{shard:05d}{slot:04d}"
+                anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]][:3]
+                caption = ", ".join(f"the {names[a['category_id']]}" for a in anns) or "nothing here"
+                regions, cursor = [], 0
+                for ann in anns:
+                    phrase = f"the {names[ann['category_id']]}"
+                    start = caption.index(phrase, cursor)
+                    cursor = start + len(phrase)
+                    x, y, w, h = ann["bbox"]
+                    regions.append({"bbox": [x, y, x + w, y + h], "phrase": phrase, "tokens_positive": [[start, cursor]], "score": 0.9})
+                sample = {"key": key, "width": image["width"], "height": image["height"],
+                          "grounding": {"caption": caption, "regions": regions},
+                          "teacher": {"checkpoint": "teacher.pth", "sha256": "0" * 64}, "filter": {"min_score": 0.5}}
+                add_member(tar, f"{key}.jpg", (shared_data / COCO_IMAGES / image["file_name"]).read_bytes())
+                add_member(tar, f"{key}.json", json.dumps(sample).encode())
+                keys.append(key)
+    return keys

@@ -64,3 +64,8 @@ def test_report_html_and_gallery(demo):
     assert all(name in page for name in ("teacher", "student", "control", "glip", "grit", "owlst"))
     assert (demo / "gallery" / "index.html").exists()
     assert len(list((demo / "gallery").glob("*.png"))) == min(8, report["pseudo_labels"]["glip"]["images"])
+    # The student trained on gold + pseudo when the preset kept any, on gold alone (and says so) otherwise.
+    assert report["student_pseudo_images"] == report["pseudo_labels"]["glip"]["images"]
+    sources = json.loads((demo / "student/train_config.json").read_text())["sources"]
+    assert any(source["kind"] == "pseudo" for source in sources) == (report["student_pseudo_images"] > 0)
+    assert ("kept no pseudo-label" in page) == (report["student_pseudo_images"] == 0)

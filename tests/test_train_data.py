@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -38,6 +37,7 @@ from pipeline.train_data import (
     TrainLoader,
     list_pseudo_shards,
 )
+from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
 IMAGES = "coco_mini/train2017"
@@ -246,37 +246,6 @@ def test_grounding_and_odvg_sources(tmp_path, shared_data, coco):
         GroundingJsonSource(annotations=str(broken), images=str(tmp_path))
 
 
-def write_pseudo_shards(folder: Path, shared_data: Path, coco: dict, *, shards: int, per_shard: int) -> list[str]:
-    """Pseudo tars in the DESIGN.md format with real COCO images and their gold boxes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    images = sorted(coco["images"], key=lambda i: i["id"])
-    keys = []
-    for shard in range(shards):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
-            for slot in range(per_shard):
-                image = images[(shard * per_shard + slot) % len(images)]
-                key = f"{shard:05d}{slot:04d}"
-                anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]][:3]
-                caption = ", ".join(f"the {names[a['category_id']]}" for a in anns) or "nothing here"
-                regions, cursor = [], 0
-                for ann in anns:
-                    phrase = f"the {names[ann['category_id']]}"
-                    start = caption.index(phrase, cursor)
-                    cursor = start + len(phrase)
-                    x, y, w, h = ann["bbox"]
-                    regions.append({"bbox": [x, y, x + w, y + h], "phrase": phrase, "tokens_positive": [[start, cursor]], "score": 0.9})
-                sample = {"key": key, "width": image["width"], "height": image["height"],
-                          "grounding": {"caption": caption, "regions": regions},
-                          "teacher": {"checkpoint": "teacher.pth", "sha256": "0" * 64}, "filter": {"min_score": 0.5}}
-                for name, data in ((f"{key}.jpg", (shared_data / IMAGES / image["file_name"]).read_bytes()), (f"{key}.json", json.dumps(sample).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                keys.append(key)
-    return keys
-
-
 def test_pseudo_stream_shuffles_across_shards_and_covers_each_epoch(tmp_path, shared_data, coco):
     keys = write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=4, per_shard=5)
     shards = list_pseudo_shards([str(tmp_path / "pseudo")])
@@ -297,6 +266,34 @@ def test_pseudo_stream_shuffles_across_shards_and_covers_each_epoch(tmp_path, sh
     seen = [{s.next_record().key for _ in range(10)} for s in ranks]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 20
 
+
+def test_workers_whose_pseudo_shards_are_empty_widen_their_share(tmp_path, shared_data, coco):
+    """A strict filter leaves shards empty: with 4 shards of which only 00000 holds samples,
+    every one of 2 (then 3) workers still trains: a worker whose shards are empty takes every
+    shard split by position, or every sample when that too gives it none; the share survives
+    a resume."""
+    write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=4, per_shard=2)
+    for shard in range(1, 4):  # keep 00000's two samples only
+        with tarfile.open(tmp_path / "pseudo" / f"{shard:05d}.tar", "w"):
+            pass
+    shards = list_pseudo_shards([str(tmp_path / "pseudo")])
+    pair = [PseudoShardStream(shards=shards, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    seen = [{stream.next_record().key for _ in range(4)} for stream in pair]
+    # Worker 0 keeps its round-robin shards (00000, 00002); worker 1's (00001, 00003) are
+    # empty, so it takes every shard split by position: sample 1 of 00000.
+    assert seen == [{"000000000", "000000001"}, {"000000001"}]
+    assert [stream.count_samples() for stream in pair] == [2, 1]
+    third = PseudoShardStream(shards=shards, seed=0, rank=2, world_size=3)  # position 2: nothing
+    assert third.count_samples() == 2
+    assert {third.next_record().key for _ in range(4)} == {"000000000", "000000001"}
+    resumed = PseudoShardStream(shards=shards, seed=0, rank=2, world_size=3)
+    resumed.load_state_dict(third.state_dict())
+    assert resumed.next_record().key == third.next_record().key
+    with tarfile.open(tmp_path / "pseudo" / "00000.tar", "w"):
+        pass
+    nothing = PseudoShardStream(shards=shards, seed=0, rank=1, world_size=2)
+    with pytest.raises(TrainDataError, match="hold no complete sample"):
+        nothing.next_record()
 
 def test_truncated_pseudo_shard_keeps_complete_samples(tmp_path, shared_data, coco):
     write_pseudo_shards(tmp_path / "p", shared_data, coco, shards=1, per_shard=4)

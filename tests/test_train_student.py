@@ -153,6 +153,31 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
 
 
+def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_cluster, tmp_path, shared_data):
+    """`--pseudo` with 4 shards of which 3 are empty (a strict filter): with 2 DDP workers the
+    worker whose shards are all empty still gets samples, and the run completes."""
+    import tarfile
+
+    from tests.pseudo_fixtures import write_pseudo_shards
+
+    coco = json.loads((shared_data / COCO).read_text())
+    write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=4, per_shard=2)
+    for shard in (1, 2, 3):
+        with tarfile.open(tmp_path / "pseudo" / f"{shard:05d}.tar", "w"):
+            pass
+    out = tmp_path / "uneven"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-student", "--config", "tiny-cpu", "--out", str(out), "--pseudo", str(tmp_path / "pseudo"),
+            "--steps", "2", "--batch-size", "1", "--min-size", "128", "--max-size", "192", "--freeze-text",
+            "--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "2", "--log-every", "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
+
 def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json, shared_data):
     out = tmp_path / "overfit"
     config = _config(
