@@ -428,7 +428,7 @@ class PseudoShardStream:
                 self.epoch += 1
                 self.next_shard = 0
                 self.empty_epochs += 1
-                if self.empty_epochs > 2:
+                if self.empty_epochs > 1:  # a whole pass over the share loaded nothing
                     if self.share < 2 and self.world_size > 1:
                         self.share += 1  # this worker's share is empty: widen it
                         self.epoch, self.empty_epochs = 0, 0
@@ -474,10 +474,11 @@ class PseudoShardStream:
     def count_samples(self) -> int:
         """Samples this worker sees per epoch (reads every shard once), in the share it would
         widen to if its own held none."""
+        if self.share == 0:  # only this worker's shards, unless they are all empty
+            own = sum(len(read_pseudo_shard(shard)) for shard in self.shards)
+            if own or self.world_size == 1:
+                return own
         counts = [len(read_pseudo_shard(shard)) for shard in self.all_shards]
-        own = sum(counts[self.rank :: self.world_size]) if self.share == 0 else 0
-        if own:
-            return own
         split = sum(len(range(self.rank, count, self.world_size)) for count in counts)
         return split if split and self.share <= 1 else sum(counts)
 
