@@ -472,8 +472,8 @@ class PseudoShardStream:
         self.active = [self._load(int(s["shard"]), int(s["cursor"])) for s in state["active"]]
 
     def count_samples(self) -> int:
-        """Samples this worker sees per epoch (reads every shard once), in the share it would
-        widen to if its own held none."""
+        """Samples this worker sees per epoch: it reads its own shards, and every shard only
+        when those hold none (then it counts the share it would widen to)."""
         if self.share == 0:  # only this worker's shards, unless they are all empty
             own = sum(len(read_pseudo_shard(shard)) for shard in self.shards)
             if own or self.world_size == 1:

@@ -295,6 +295,7 @@ def test_workers_whose_pseudo_shards_are_empty_widen_their_share(tmp_path, share
     with pytest.raises(TrainDataError, match="hold no complete sample"):
         nothing.next_record()
 
+
 def test_truncated_pseudo_shard_keeps_complete_samples(tmp_path, shared_data, coco):
     write_pseudo_shards(tmp_path / "p", shared_data, coco, shards=1, per_shard=4)
     path = tmp_path / "p" / "00000.tar"

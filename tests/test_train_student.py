@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from pipeline.cli import app
 from pipeline.train_data import SourceSpec
 from pipeline.train_loop import TrainConfig, lr_factor, make_optimizer
 from pipeline.train_student import TrainingInterrupted, run_training
+from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
 IMAGES = "coco_mini/train2017"
@@ -156,10 +158,6 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
 def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_cluster, tmp_path, shared_data):
     """`--pseudo` with 4 shards of which 3 are empty (a strict filter): with 2 DDP workers the
     worker whose shards are all empty still gets samples, and the run completes."""
-    import tarfile
-
-    from tests.pseudo_fixtures import write_pseudo_shards
-
     coco = json.loads((shared_data / COCO).read_text())
     write_pseudo_shards(tmp_path / "pseudo", shared_data, coco, shards=4, per_shard=2)
     for shard in (1, 2, 3):
@@ -177,6 +175,7 @@ def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_clust
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
+
 
 def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json, shared_data):
     out = tmp_path / "overfit"
