@@ -71,6 +71,7 @@ class PreprocessingConfig:
 @dataclass(frozen=True)
 class GLIPConfig:
     name: str
+    backbone: str = "swin"  # "swin" (official) or "mobilenet_v2" (model.mobilenet, ImageNet-pretrainable)
     swin: SwinConfig = field(default_factory=SwinConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -105,6 +106,9 @@ VARIANTS: dict[str, GLIPConfig] = {
 VARIANTS["tiny-cpu"] = dataclasses.replace(
     VARIANTS["tiny"], name="tiny-cpu", head=dataclasses.replace(VARIANTS["tiny"].head, deformable=False)
 )
+# `tiny-cpu` on torchvision's MobileNetV2 (stride 8-32 stages) instead of a random-init Swin:
+# the only visual backbone with ImageNet weights available offline (see model/mobilenet.py).
+VARIANTS["tiny-mnv2"] = dataclasses.replace(VARIANTS["tiny-cpu"], name="tiny-mnv2", backbone="mobilenet_v2")
 ALIASES = {"glip-t-b": "glip-t", "glip-t-c": "glip-t", "glip-tiny": "glip-t", "glip-large": "glip-l"}
 
 

@@ -16,6 +16,7 @@ from model.config import GLIPConfig
 from model.dyhead import VLDyHead
 from model.fpn import FPN
 from model.language import LanguageBackbone
+from model.mobilenet import MobileNetV2Body
 from model.swin import SwinTransformer
 
 
@@ -42,10 +43,15 @@ class VisionBackbone(nn.Module):
     def __init__(self, config: GLIPConfig) -> None:
         super().__init__()
         swin = config.swin
-        self.body = SwinTransformer(
-            embed_dim=swin.embed_dim, depths=swin.depths, num_heads=swin.num_heads, window_size=swin.window_size,
-            mlp_ratio=swin.mlp_ratio, drop_path_rate=swin.drop_path_rate, patch_size=swin.patch_size,
-        )
+        if config.backbone == "mobilenet_v2":
+            self.body = MobileNetV2Body()
+        elif config.backbone == "swin":
+            self.body = SwinTransformer(
+                embed_dim=swin.embed_dim, depths=swin.depths, num_heads=swin.num_heads, window_size=swin.window_size,
+                mlp_ratio=swin.mlp_ratio, drop_path_rate=swin.drop_path_rate, patch_size=swin.patch_size,
+            )
+        else:
+            raise ValueError(f"unknown visual backbone {config.backbone!r}; expected swin or mobilenet_v2")
         self.fpn = FPN(in_channels=self.body.num_features[1:], channels=config.fpn_channels)
 
     def forward(self, images: Tensor) -> list[Tensor]:
