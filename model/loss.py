@@ -19,6 +19,15 @@ GLIP config uses (dot-product token loss on, one anchor per location, TOPK 9):
 * `loss_centerness`: BCE-with-logits (sum) against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)),
   divided by the same positive count.
 
+Self-training extensions (off unless a target carries them; gold targets never do): a target
+may give `weights` [G], one per box, and `background_weight`, a float. An anchor assigned to a
+box of weight w contributes w times its token focal loss (Soft Teacher's score-weighted
+classification: a pseudo box of score 0.3 counts 0.3 of a gold box); an anchor assigned to a box
+of weight 0 is ignored, neither positive nor negative, in every loss (Unbiased Teacher's
+"ignore" band for low-score teacher boxes); an unassigned anchor of that image contributes
+`background_weight` times its negative focal loss. Positives are counted as before (a weighted
+positive counts once, so weights scale its share, not the normaliser), ignored anchors not at all.
+
 The 80-class `cls_logits` focal loss of the official code is multiplied by 0 there and is
 left out here. Everything is computed in float32 (the official `custom_fwd(cast_inputs=
 float32)`), so bf16 autocast outside does not change the loss arithmetic.
@@ -122,26 +131,37 @@ def centerness_targets(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
 
 
 def token_sigmoid_focal_loss(
-    logits: Tensor, targets: Tensor, text_mask: Tensor | None = None, *, alpha: float = 0.25, gamma: float = 2.0
+    logits: Tensor,
+    targets: Tensor,
+    text_mask: Tensor | None = None,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    anchor_weights: Tensor | None = None,
 ) -> Tensor:
     """Summed binary focal loss over (anchor, token) pairs of non-padded tokens.
 
-    logits, targets: [B, A, L] (targets 0/1); text_mask: [B, L] (nonzero = real token) or None.
+    logits, targets: [B, A, L] (targets 0/1); text_mask: [B, L] (nonzero = real token) or None;
+    anchor_weights: [B, A] multiplier of each anchor's terms, or None (all 1).
     Official `token_sigmoid_binary_focal_loss` followed by `.sum()`.
     """
     if logits.shape != targets.shape:
         raise ValueError(f"token focal loss: logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
     targets = targets.to(logits.dtype)
+    weights = None if anchor_weights is None else anchor_weights.to(logits.dtype)[:, :, None].expand_as(logits)
     if text_mask is not None:
         keep = (text_mask > 0)[:, None, :].expand_as(logits)  # [B, A, L]
         logits = logits[keep]
         targets = targets[keep]
+        weights = None if weights is None else weights[keep]
     prob = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if weights is not None:
+        loss = loss * weights
     return loss.sum()
 
 
@@ -197,13 +217,16 @@ def _average_over_workers(value: float, device: torch.device) -> float:
 class AssignedTargets:
     """ATSS targets of a batch, flattened image-major over all anchors (B * A rows).
 
-    assigned: [B*A] int64 GT index within its image, -1 for negatives; boxes: [B*A, 4] xyxy GT
-    matched to each anchor (zeros for negatives); token_targets: [B, A, L] float 0/1.
+    assigned: [B*A] int64 GT index within its image, -1 for negatives and for ignored anchors;
+    boxes: [B*A, 4] xyxy GT matched to each anchor (zeros for negatives); token_targets:
+    [B, A, L] float 0/1; anchor_weights: [B, A] weight of each anchor's classification terms
+    (None when no target carries weights: every anchor counts 1).
     """
 
     assigned: Tensor
     boxes: Tensor
     token_targets: Tensor
+    anchor_weights: Tensor | None = None
 
 
 class GLIPLoss:
@@ -240,11 +263,13 @@ class GLIPLoss:
         """ATSS targets for every image (see `AssignedTargets`).
 
         targets: per image dict(boxes [G, 4] xyxy in the padded-input frame, positive_map
-        [G, L'] with L' >= the tokens that carry a span; any nonzero entry is positive).
+        [G, L'] with L' >= the tokens that carry a span; any nonzero entry is positive), and
+        optionally `weights` [G] and `background_weight` (see the module doc).
         """
         device = anchors[0].device
         num_anchors = sum(level.shape[0] for level in anchors)
-        assigned_all, boxes_all, tokens_all = [], [], []
+        assigned_all, boxes_all, tokens_all, weights_all = [], [], [], []
+        weighted = any("weights" in t or "background_weight" in t for t in targets)
         for index, target in enumerate(targets):
             gt_boxes = target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
             positive_map = target["positive_map"].to(device)
@@ -254,6 +279,9 @@ class GLIPLoss:
                 )
             token_rows = _fit_width((positive_map > 0).to(torch.float32), num_tokens)  # [G, L]
             assigned = atss_assign(anchors, gt_boxes, topk=self.topk)  # [A]
+            if weighted:
+                anchor_weights, assigned = _anchor_weights(target, assigned, gt_boxes.shape[0], device)
+                weights_all.append(anchor_weights)
             positive = assigned >= 0
             tokens = torch.zeros((num_anchors, num_tokens), dtype=torch.float32, device=device)
             if self.no_object_slot is not None and self.no_object_slot < num_tokens:
@@ -266,7 +294,10 @@ class GLIPLoss:
             boxes_all.append(boxes)
             tokens_all.append(tokens)
         return AssignedTargets(
-            assigned=torch.cat(assigned_all), boxes=torch.cat(boxes_all), token_targets=torch.stack(tokens_all)
+            assigned=torch.cat(assigned_all),
+            boxes=torch.cat(boxes_all),
+            token_targets=torch.stack(tokens_all),
+            anchor_weights=torch.stack(weights_all) if weighted else None,
         )
 
     def __call__(
@@ -309,7 +340,7 @@ class GLIPLoss:
         token_loss = (
             token_sigmoid_focal_loss(
                 logits, assigned.token_targets.to(device), text_mask.to(device),
-                alpha=self.focal_alpha, gamma=self.focal_gamma,
+                alpha=self.focal_alpha, gamma=self.focal_gamma, anchor_weights=assigned.anchor_weights,
             )
             / num_pos_avg
         )
@@ -341,6 +372,24 @@ class GLIPLoss:
             "loss_dot_product_token": token_loss * self.token_loss_weight,
             "num_positives": torch.tensor(float(positive.numel())),
         }
+
+
+def _anchor_weights(target: Mapping[str, Tensor], assigned: Tensor, num_gt: int, device) -> tuple[Tensor, Tensor]:
+    """([A] classification weight per anchor, [A] assignment with ignored anchors set to -1):
+    an anchor takes its box's weight, an unassigned one the background weight; weight-0 boxes
+    make their anchors ignored (weight 0 and unassigned, so no regression either)."""
+    box_weights = target.get("weights")
+    box_weights = (
+        torch.ones(num_gt, device=device) if box_weights is None else box_weights.to(device=device, dtype=torch.float32)
+    )
+    if box_weights.shape != (num_gt,):
+        raise ValueError(f"target weights {tuple(box_weights.shape)} for {num_gt} boxes")
+    background = float(target.get("background_weight", 1.0))
+    positive = assigned >= 0
+    weights = torch.full(assigned.shape, background, dtype=torch.float32, device=device)
+    weights[positive] = box_weights[assigned[positive]]
+    ignored = positive & (weights <= 0)
+    return weights, torch.where(ignored, torch.full_like(assigned, -1), assigned)
 
 
 def total_loss(losses: Mapping[str, Tensor]) -> Tensor:

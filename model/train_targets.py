@@ -10,7 +10,10 @@ path that do not depend on where the data comes from:
   a random number of them, all under the 256-token budget);
 * `augment`: random short side (`RandomResize`) and horizontal flip (`RandomHorizontalFlip`,
   legacy "+1" box flip). The flip also swaps the words "left" and "right" in the caption, as
-  MDETR/GLIP do, but re-bases every span so it still covers the same phrase;
+  MDETR/GLIP do, but re-bases every span so it still covers the same phrase. Optional strong
+  augmentation for students (Noisy Student): scale jitter, a random crop that keeps every box
+  whole (MDETR's `RandomSizeCrop(respect_boxes=True)`, so no phrase loses its box) and cutout
+  patches that hide at most half of any box; no colour jitter, since colour words are labels;
 * `collate`: tokenisation (at most 256 tokens), positive maps, dropping boxes whose spans fall
   past the token limit, and padding the images into one batch.
 
@@ -55,11 +58,15 @@ class GroundingExample:
     boxes: Tensor
     spans: list[list[Span]]
     key: str = ""
+    weights: Tensor | None = None  # [N] per-box loss weights (pseudo boxes), None = all 1
+    background_weight: float | None = None
 
     def __post_init__(self) -> None:
         self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
         if len(self.spans) != self.boxes.shape[0]:
             raise ValueError(f"example {self.key!r}: {self.boxes.shape[0]} boxes but {len(self.spans)} span lists")
+        if self.weights is not None and self.weights.shape != (self.boxes.shape[0],):
+            raise ValueError(f"example {self.key!r}: {self.boxes.shape[0]} boxes but weights {tuple(self.weights.shape)}")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class TrainingSample:
     boxes: Tensor
     spans: list[list[Span]]
     key: str = ""
+    weights: Tensor | None = None
+    background_weight: float | None = None
 
 
 @dataclass
@@ -80,7 +89,8 @@ class TrainingBatch:
 
     images: [B, 3, H, W] zero-padded to a multiple of 32; image_sizes: un-padded (h, w);
     input_ids, attention_mask: [B, L] int64 (L <= 256); targets: per image dict(boxes [G, 4]
-    xyxy in the padded-input frame, positive_map [G, L] float 0/1); dropped_boxes: boxes whose
+    xyxy in the padded-input frame, positive_map [G, L] float 0/1, and for weighted pseudo
+    samples `weights` [G] and `background_weight`, see `model.loss`); dropped_boxes: boxes whose
     phrase fell past the token limit (or mapped to no token) and were left out.
     """
 
@@ -179,6 +189,57 @@ def swap_left_right(caption: str, spans: Sequence[Sequence[Span]]) -> tuple[str,
 # -- augmentation -------------------------------------------------------------------------
 
 
+def random_crop_keeping_boxes(
+    image: Image.Image, boxes: Tensor, rng: np.random.Generator, *, min_fraction: float = 0.6
+) -> tuple[Image.Image, Tensor]:
+    """A random crop of at least `min_fraction` of each side that contains every box whole
+    (legacy "+1" boxes: a box [x0, x1] needs columns x0..x1); boxes shift into the crop."""
+    width, height = image.size
+    if boxes.shape[0]:
+        lo = boxes[:, :2].amin(0).floor().clamp(min=0)
+        hi = (boxes[:, 2:].amax(0).floor() + 1).clamp(max=torch.tensor([width, height], dtype=boxes.dtype))
+    else:
+        lo, hi = torch.zeros(2), torch.tensor([float(width), float(height)])
+    origin = []
+    sizes = []
+    for axis, side in enumerate((width, height)):
+        first, last = int(lo[axis]), int(hi[axis])  # the boxes need [first, last)
+        smallest = max(int(np.ceil(min_fraction * side)), last - first, 1)
+        size = int(rng.integers(smallest, side + 1))
+        start = int(rng.integers(max(0, last - size), min(first, side - size) + 1))
+        origin.append(start)
+        sizes.append(size)
+    cropped = image.crop((origin[0], origin[1], origin[0] + sizes[0], origin[1] + sizes[1]))
+    shift = torch.tensor([origin[0], origin[1]] * 2, dtype=boxes.dtype)
+    return cropped, boxes - shift
+
+
+def cutout(
+    tensor: Tensor, boxes: Tensor, rng: np.random.Generator, *, patches: int = 2, max_fraction: float = 0.2,
+    max_hidden: float = 0.5, tries: int = 10,
+) -> Tensor:
+    """Zero (the mean colour after normalisation) up to `patches` rectangles of at most
+    `max_fraction` of each side; a patch that would hide more than `max_hidden` of a box's area
+    is drawn again (up to `tries` times), so no box loses its object."""
+    _, height, width = tensor.shape
+    tensor = tensor.clone()
+    areas = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)).clamp(min=1)
+    hidden = torch.zeros(boxes.shape[0])
+    for _ in range(patches):
+        for _ in range(tries):
+            h = int(rng.integers(1, max(2, int(max_fraction * height)) + 1))
+            w = int(rng.integers(1, max(2, int(max_fraction * width)) + 1))
+            y, x = int(rng.integers(0, max(1, height - h + 1))), int(rng.integers(0, max(1, width - w + 1)))
+            overlap_w = (torch.minimum(boxes[:, 2] + 1, torch.tensor(float(x + w))) - torch.maximum(boxes[:, 0], torch.tensor(float(x)))).clamp(min=0)
+            overlap_h = (torch.minimum(boxes[:, 3] + 1, torch.tensor(float(y + h))) - torch.maximum(boxes[:, 1], torch.tensor(float(y)))).clamp(min=0)
+            covered = hidden + overlap_w * overlap_h / areas
+            if not bool((covered > max_hidden).any()):
+                tensor[:, y : y + h, x : x + w] = 0.0
+                hidden = covered
+                break
+    return tensor
+
+
 def augment(
     example: GroundingExample,
     rng: np.random.Generator,
@@ -186,18 +247,30 @@ def augment(
     min_sizes: Sequence[int] = TRAIN_MIN_SIZES,
     max_size: int = TRAIN_MAX_SIZE,
     flip_probability: float = 0.5,
+    crop_probability: float = 0.0,
+    cutout_probability: float = 0.0,
+    scale_jitter: float = 0.0,
     pixel_mean: Sequence[float] = PIXEL_MEAN,
     pixel_std: Sequence[float] = PIXEL_STD,
 ) -> TrainingSample:
-    """Random short side from `min_sizes` (long side capped at `max_size`), then a horizontal
-    flip with probability `flip_probability`; boxes and caption follow the image."""
+    """Random short side from `min_sizes` (times 1 +- `scale_jitter`, long side capped at
+    `max_size`), then a horizontal flip with probability `flip_probability`; boxes and caption
+    follow the image. Strong options: a box-keeping random crop (before resizing) with
+    probability `crop_probability`, cutout patches with probability `cutout_probability`.
+    With every strong option at 0 the random draws are those of the weak transform."""
     image = example.image if example.image.mode == "RGB" else example.image.convert("RGB")
     width, height = image.size
     boxes, keep = clip_boxes_to_image(example.boxes, width, height)
     spans = [list(s) for s, k in zip(example.spans, keep.tolist()) if k]
+    weights = None if example.weights is None else example.weights[keep]
     caption = example.caption
+    if crop_probability and float(rng.random()) < crop_probability:
+        image, boxes = random_crop_keeping_boxes(image, boxes, rng)
+        width, height = image.size
 
     short_side = int(min_sizes[int(rng.integers(len(min_sizes)))])
+    if scale_jitter:
+        short_side = max(32, int(round(short_side * float(rng.uniform(1 - scale_jitter, 1 + scale_jitter)))))
     new_width, new_height = resized_size(width, height, min_size=short_side, max_size=max_size)
     # BoxList.resize: plain ratios of the new to the old size, per axis.
     scale = torch.tensor([new_width / width, new_height / height] * 2, dtype=torch.float32)
@@ -208,7 +281,12 @@ def augment(
         tensor = tensor.flip(-1)
         boxes = flip_boxes(boxes, new_width)
         caption, spans = swap_left_right(caption, spans)
-    return TrainingSample(image=tensor, caption=caption, boxes=boxes, spans=spans, key=example.key)
+    if cutout_probability and float(rng.random()) < cutout_probability:
+        tensor = cutout(tensor, boxes, rng)
+    return TrainingSample(
+        image=tensor, caption=caption, boxes=boxes, spans=spans, key=example.key, weights=weights,
+        background_weight=example.background_weight,
+    )
 
 
 # -- prompts ------------------------------------------------------------------------------
@@ -347,7 +425,12 @@ def collate(
         positive_map = capped_positive_map(tokenizer, sample.caption, sample.spans, max_query_len=max_query_len)
         keep = positive_map.any(dim=1)
         dropped += int((~keep).sum())
-        targets.append({"boxes": sample.boxes[keep].float(), "positive_map": positive_map[keep, :width].contiguous()})
+        target = {"boxes": sample.boxes[keep].float(), "positive_map": positive_map[keep, :width].contiguous()}
+        if sample.weights is not None:
+            target["weights"] = sample.weights[keep].float()
+        if sample.background_weight is not None:
+            target["background_weight"] = float(sample.background_weight)
+        targets.append(target)
     return TrainingBatch(
         images=images,
         image_sizes=image_sizes,

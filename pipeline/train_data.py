@@ -82,6 +82,7 @@ class Record:
     vocabulary: Sequence[str] | None = None
     width: int | None = None
     height: int | None = None
+    scores: np.ndarray | None = None  # [N] teacher scores of pseudo boxes, None for gold
 
     @property
     def is_detection(self) -> bool:
@@ -233,8 +234,9 @@ def grounding_record(sample: dict, *, key: str, image: str | bytes, where: str) 
     if not isinstance(grounding, dict) or "caption" not in grounding:
         raise TrainDataError(f"{where}: no 'grounding' with a 'caption'")
     caption = str(grounding["caption"])
-    boxes, spans = [], []
+    boxes, spans, scores = [], [], []
     for index, region in enumerate(grounding.get("regions", [])):
+        scores.append(float(region.get("score", 1.0)))
         if "tokens_positive" in region:
             spans.append(_spans(region["tokens_positive"], caption, f"{where} region {index}"))
         else:
@@ -252,6 +254,7 @@ def grounding_record(sample: dict, *, key: str, image: str | bytes, where: str) 
         spans=spans,
         width=sample.get("width"),
         height=sample.get("height"),
+        scores=np.asarray(scores, dtype=np.float32),
     )
 
 
@@ -541,6 +544,32 @@ class PlannedSample:
     boxes: np.ndarray
     augment_seed: int
     source: str
+    weights: np.ndarray | None = None  # [N] loss weight per box (pseudo weighting), None = gold
+    background_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class PseudoWeighting:
+    """How the student's loss treats pseudo boxes (gold boxes always weigh 1).
+
+    score_weight: a pseudo box's classification loss is scaled by its teacher score (Soft
+    Teacher); ignore_below: boxes scoring under it are ignored, their anchors neither positive
+    nor negative (Unbiased Teacher's band: shards filtered at a low floor keep them);
+    background_weight: the negative loss of a pseudo image's unassigned anchors (the objects the
+    teacher missed are background there), 1 as for gold.
+    """
+
+    score_weight: bool = False
+    ignore_below: float = 0.0
+    background_weight: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.score_weight or self.ignore_below > 0 or self.background_weight != 1.0
+
+    def box_weights(self, scores: np.ndarray) -> np.ndarray:
+        weights = scores.astype(np.float32) if self.score_weight else np.ones(len(scores), dtype=np.float32)
+        return np.where(scores < self.ignore_below, np.float32(0), weights)
 
 
 class MixedSampleStream:
@@ -563,6 +592,7 @@ class MixedSampleStream:
         max_query_len: int = 256,
         max_negative_phrases: int = 8,
         phrase_pool_size: int = 256,
+        pseudo_weighting: PseudoWeighting = PseudoWeighting(),
     ) -> None:
         if not specs:
             raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
@@ -574,6 +604,7 @@ class MixedSampleStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.max_query_len = max_query_len
         self.max_negative_phrases = max_negative_phrases
+        self.pseudo_weighting = pseudo_weighting
         self.position = 0
         self.source_counts = [0] * len(self.sources)
         self.phrase_pool: deque[str] = deque(maxlen=phrase_pool_size)
@@ -628,6 +659,10 @@ class MixedSampleStream:
                     count_tokens=self.count_tokens, max_query_len=self.max_query_len,
                 )
             self.phrase_pool.extend(record.phrases())
+        weights, background = None, None
+        if source.kind == "pseudo" and self.pseudo_weighting.active and record.scores is not None:
+            weights = self.pseudo_weighting.box_weights(record.scores)
+            background = self.pseudo_weighting.background_weight
         return PlannedSample(
             record=record,
             caption=caption,
@@ -635,6 +670,8 @@ class MixedSampleStream:
             boxes=boxes,
             augment_seed=int(rng.integers(2**62)),
             source=source.kind,
+            weights=weights,
+            background_weight=background,
         )
 
     def state_dict(self) -> dict:
@@ -685,11 +722,15 @@ def decode_image(record: Record) -> Image.Image:
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """Training transform: random short side from `min_sizes`, long side <= `max_size`."""
+    """Training transform: random short side from `min_sizes`, long side <= `max_size`, and
+    the strong augmentation of `model.train_targets.augment` (off by default)."""
 
     min_sizes: tuple[int, ...] = TRAIN_MIN_SIZES
     max_size: int = TRAIN_MAX_SIZE
     flip_probability: float = 0.5
+    crop_probability: float = 0.0
+    cutout_probability: float = 0.0
+    scale_jitter: float = 0.0
 
 
 def prepare_sample(planned: PlannedSample, settings: AugmentSettings):
@@ -700,11 +741,14 @@ def prepare_sample(planned: PlannedSample, settings: AugmentSettings):
         boxes=torch.from_numpy(np.ascontiguousarray(planned.boxes)),
         spans=planned.spans,
         key=planned.record.key,
+        weights=None if planned.weights is None else torch.from_numpy(planned.weights),
+        background_weight=planned.background_weight,
     )
     rng = np.random.default_rng(planned.augment_seed)
     return augment(
         example, rng, min_sizes=settings.min_sizes, max_size=settings.max_size,
-        flip_probability=settings.flip_probability,
+        flip_probability=settings.flip_probability, crop_probability=settings.crop_probability,
+        cutout_probability=settings.cutout_probability, scale_jitter=settings.scale_jitter,
     )
 
 

@@ -28,7 +28,7 @@ import torch
 
 from model.loss import GLIPLoss, total_loss
 from model.train_targets import TRAIN_MAX_SIZE, TRAIN_MIN_SIZES
-from pipeline.train_data import AugmentSettings, MixedSampleStream, SourceSpec, TrainLoader
+from pipeline.train_data import AugmentSettings, MixedSampleStream, PseudoWeighting, SourceSpec, TrainLoader
 
 MODEL_FILE = "model.pth"
 STATE_FILE = "train_state.pt"
@@ -66,6 +66,7 @@ class TrainConfig:
     clip_grad_norm: float = 1.0
     init: str | None = None
     init_text: str | None = None
+    init_backbone: str | None = None
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -78,6 +79,13 @@ class TrainConfig:
     loader_threads: int = 2
     max_negative_phrases: int = 8
     pad_to_max: bool = False
+    # Self-training (see pipeline.train_data.PseudoWeighting and model.train_targets.augment).
+    pseudo_score_weight: bool = False
+    pseudo_ignore_below: float = 0.0
+    pseudo_background_weight: float = 1.0
+    crop_probability: float = 0.0
+    cutout_probability: float = 0.0
+    scale_jitter: float = 0.0
     fail_at_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +95,26 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.init_text not in (None, "minilm"):
             raise ValueError(f"init_text must be 'minilm' or None, got {self.init_text!r}")
+        for name in ("crop_probability", "cutout_probability", "pseudo_ignore_below"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.scale_jitter < 1.0 or self.pseudo_background_weight < 0:
+            raise ValueError("scale_jitter must be in [0, 1) and pseudo_background_weight >= 0")
+
+    @property
+    def pseudo_weighting(self) -> PseudoWeighting:
+        return PseudoWeighting(
+            score_weight=self.pseudo_score_weight, ignore_below=self.pseudo_ignore_below,
+            background_weight=self.pseudo_background_weight,
+        )
+
+    @property
+    def augment_settings(self) -> AugmentSettings:
+        return AugmentSettings(
+            min_sizes=self.min_sizes, max_size=self.max_size, flip_probability=self.flip_probability,
+            crop_probability=self.crop_probability, cutout_probability=self.cutout_probability,
+            scale_jitter=self.scale_jitter,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +194,22 @@ def load_minilm_text_encoder(model: torch.nn.Module) -> None:
     bert.load_state_dict(weights, strict=False)
 
 
+def load_backbone_weights(model: torch.nn.Module, source: str) -> None:
+    """ImageNet weights for the visual body: `imagenet` (the MobileNetV2 file found locally, see
+    `model.mobilenet`) or a path to that file; only the `mobilenet_v2` backbone takes them."""
+    from model.mobilenet import MobileNetV2Body, load_imagenet_weights
+
+    body = model.backbone.body
+    if not isinstance(body, MobileNetV2Body):
+        raise ValueError(
+            f"--init-backbone {source}: only the mobilenet_v2 backbone (variant tiny-mnv2) has ImageNet weights "
+            f"available offline; variant {model.config.name} uses {model.config.backbone} (start it from --init instead)"
+        )
+    from pipeline.storage import local_copy
+
+    load_imagenet_weights(body, None if source == "imagenet" else local_copy(source))
+
+
 def build_student(config: TrainConfig) -> torch.nn.Module:
     """A fresh model of `config.variant`, or `--init` weights (official or ours), in train mode."""
     from model.checkpoint import load_glip
@@ -181,6 +225,8 @@ def build_student(config: TrainConfig) -> torch.nn.Module:
         model = GLIP(get_config(config.variant))
     if config.init_text == "minilm":
         load_minilm_text_encoder(model)
+    if config.init_backbone and not config.init:
+        load_backbone_weights(model, config.init_backbone)
     # The 80-class cls_logits head is never trained in GLIP (its loss is multiplied by 0).
     # A frozen text encoder (MODEL.LANGUAGE_BACKBONE.FREEZE) keeps its weights; the fusion
     # and extra BERT layers of the head still train.
@@ -283,6 +329,15 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def source_samples(config: TrainConfig, state: dict) -> dict[str, int]:
+    """`samples_<kind>`: how many samples of each source kind this worker has drawn so far
+    (the measured mixing ratio; every worker draws with the same weights)."""
+    counts: dict[str, int] = {}
+    for spec, count in zip(config.sources, state["source_counts"]):
+        counts[f"samples_{spec.kind}"] = counts.get(f"samples_{spec.kind}", 0) + int(count)
+    return counts
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -311,6 +366,7 @@ def train_worker(config_dict: dict) -> None:
     stream = MixedSampleStream(
         specs=config.sources, tokenizer=tokenizer, seed=config.seed, rank=rank, world_size=world_size,
         max_query_len=model.config.max_query_len, max_negative_phrases=config.max_negative_phrases,
+        pseudo_weighting=config.pseudo_weighting,
     )
     torch.manual_seed(config.seed * 1009 + rank + 1)  # dropout/drop-path differ per worker
     step = 0
@@ -331,7 +387,7 @@ def train_worker(config_dict: dict) -> None:
     loader = TrainLoader(
         stream=stream,
         batch_size=config.batch_size,
-        settings=AugmentSettings(min_sizes=config.min_sizes, max_size=config.max_size, flip_probability=config.flip_probability),
+        settings=config.augment_settings,
         num_threads=config.loader_threads,
         max_query_len=raw_model.config.max_query_len,
         pad_to_max=config.pad_to_max,
@@ -362,7 +418,7 @@ def train_worker(config_dict: dict) -> None:
             centerness=outputs.centerness,
             dot_product_logits=outputs.dot_product_logits,
             anchors=outputs.anchors,
-            targets=[{k: v.to(device) for k, v in t.items()} for t in batch.targets],
+            targets=[{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch.targets],
             text_mask=attention_mask,
         )
         loss = total_loss(losses)
@@ -405,7 +461,7 @@ def train_worker(config_dict: dict) -> None:
             window_start, window_samples = now, 0
 
         if step % config.checkpoint_every == 0 or step == config.steps:
-            metrics = {"step": step, "loss": loss_value, "skipped_samples": len(skipped)}
+            metrics = {"step": step, "loss": loss_value, "skipped_samples": len(skipped), **source_samples(config, loaded.state)}
             with tempfile.TemporaryDirectory(prefix="glip-ckpt-") as directory:
                 save_training_checkpoint(
                     Path(directory), model=raw_model, optimizer=optimizer, scheduler=scheduler, step=step,

@@ -81,7 +81,10 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
         )
         for spec in config.sources
     )
-    return dataclasses.replace(config, out=_absolute(config.out), sources=sources, init=_absolute(config.init))
+    backbone = config.init_backbone if config.init_backbone == "imagenet" else _absolute(config.init_backbone)
+    return dataclasses.replace(
+        config, out=_absolute(config.out), sources=sources, init=_absolute(config.init), init_backbone=backbone
+    )
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, address: str | None = None) -> TrainOutcome:
@@ -189,6 +192,7 @@ def _write_stats(fs, out_path: str, config: TrainConfig, metrics: dict, checkpoi
         "samples": int(metrics.get("step", config.steps)) * config.batch_size * config.workers,
         "final_loss": metrics.get("loss"),
         "skipped_samples": metrics.get("skipped_samples", 0),
+        "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},
         "samples_per_s": sum(rates) / len(rates) if rates else None,
         "wall_s_this_session": seconds,
         "workers": config.workers,
@@ -248,6 +252,19 @@ def build_sources(
     return tuple(specs)
 
 
+# `--augment strong`: the student's noise (Noisy Student); colours are never jittered (labels).
+AUGMENT_PRESETS = {
+    "weak": {"crop_probability": 0.0, "cutout_probability": 0.0, "scale_jitter": 0.0},
+    "strong": {"crop_probability": 0.5, "cutout_probability": 0.5, "scale_jitter": 0.25},
+}
+
+
+def augment_options(name: str) -> dict[str, float]:
+    if name not in AUGMENT_PRESETS:
+        raise ValueError(f"--augment {name!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+    return dict(AUGMENT_PRESETS[name])
+
+
 def steps_for_epochs(epochs: float, sources: tuple[SourceSpec, ...], *, batch_size: int, workers: int) -> int:
     from pipeline.train_data import count_samples
 
@@ -282,6 +299,9 @@ def train_student(
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip over the full model."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this checkpoint (official or ours)."),
     init_text: Optional[str] = typer.Option(None, "--init-text", help="'minilm': real all-MiniLM-L6-v2 text weights (tiny variant)."),
+    init_backbone: Optional[str] = typer.Option(
+        None, "--init-backbone", help="'imagenet' (or the file's path): ImageNet MobileNetV2 weights for the visual body (tiny-mnv2)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
     workers: int = typer.Option(1, "--workers", help="Ray Train workers (DDP)."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per worker."),
@@ -296,6 +316,20 @@ def train_student(
     log_every: int = typer.Option(10, "--log-every", help="Steps between progress lines."),
     loader_threads: int = typer.Option(2, "--loader-threads", help="Decode/augment threads per worker."),
     negatives: int = typer.Option(8, "--negatives", help="Most other-sample phrases appended to a caption as negatives."),
+    pseudo_score_weight: bool = typer.Option(
+        False, "--pseudo-score-weight/--no-pseudo-score-weight",
+        help="Scale a pseudo box's classification loss by its teacher score (Soft Teacher).",
+    ),
+    pseudo_ignore_below: float = typer.Option(
+        0.0, "--pseudo-ignore-below",
+        help="Pseudo boxes scoring under T are ignored: their anchors are neither positive nor negative (filter at a lower floor to keep them).",
+    ),
+    pseudo_background_weight: float = typer.Option(
+        1.0, "--pseudo-background-weight", help="Weight of the background (negative) loss in pseudo images (0..1)."
+    ),
+    augment: str = typer.Option(
+        "weak", "--augment", help="weak (resize + flip, official) or strong (+ scale jitter, box-keeping crop, cutout; Noisy Student)."
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
 ) -> None:
     """Train a GLIP student on gold grounding/detection data plus pseudo-label shards."""
@@ -333,6 +367,7 @@ def train_student(
             clip_grad_norm=clip_grad,
             init=init,
             init_text=init_text,
+            init_backbone=init_backbone,
             workers=workers,
             use_gpu=use_gpu,
             cpus_per_worker=cpus_per_worker,
@@ -344,6 +379,10 @@ def train_student(
             log_every=log_every,
             loader_threads=loader_threads,
             max_negative_phrases=negatives,
+            pseudo_score_weight=pseudo_score_weight,
+            pseudo_ignore_below=pseudo_ignore_below,
+            pseudo_background_weight=pseudo_background_weight,
+            **augment_options(augment),
         )
         outcome = run_training(train_config, resume=resume, address=address)
     except (TrainDataError, ValueError, FileNotFoundError, FileExistsError, TrainingInterrupted) as exc:

@@ -188,3 +188,56 @@ def test_glip_loss_rejects_mismatched_targets():
             box_regression=box_regression, centerness=centerness, dot_product_logits=logits,
             anchors=[LEVEL0, LEVEL1], targets=bad, text_mask=torch.ones((1, 4)),
         )
+
+
+# -- self-training weights (pseudo boxes) --------------------------------------------------
+
+
+def _image0_losses(**target_extras):
+    """Losses of image 0 above (one GT on token 1, A0 its only positive, 3 real tokens)."""
+    box_regression, centerness, logits = _head_outputs(1, 4, shift_first_anchor=5.0)
+    target = {"boxes": GT, "positive_map": torch.tensor([[0.0, 1.0, 0.0, 0.0]]), **target_extras}
+    losses = GLIPLoss(topk=2)(
+        box_regression=box_regression, centerness=centerness, dot_product_logits=logits,
+        anchors=[LEVEL0, LEVEL1], targets=[target], text_mask=torch.tensor([[1, 1, 1, 0]]),
+    )
+    return losses, box_regression
+
+
+# A0's terms: one positive entry (0.0625 ln 2) and two negatives (0.1875 ln 2 each); the 5
+# other anchors: 3 negative entries each.
+POSITIVE_ANCHOR = (0.0625 + 2 * 0.1875) * LN2
+BACKGROUND = 15 * 0.1875 * LN2
+
+
+def test_a_pseudo_box_of_score_0_3_counts_0_3_of_a_gold_box():
+    gold, _ = _image0_losses()
+    assert _value(gold["loss_dot_product_token"]) == pytest.approx(POSITIVE_ANCHOR + BACKGROUND, rel=1e-6)
+    pseudo, _ = _image0_losses(weights=torch.tensor([0.3]))
+    assert _value(pseudo["loss_dot_product_token"]) == pytest.approx(0.3 * POSITIVE_ANCHOR + BACKGROUND, rel=1e-6)
+    # Without background, the weighted box's classification loss is exactly 0.3 of the gold box's.
+    alone_gold, _ = _image0_losses(weights=torch.tensor([1.0]), background_weight=0.0)
+    alone_pseudo, _ = _image0_losses(weights=torch.tensor([0.3]), background_weight=0.0)
+    assert _value(alone_gold["loss_dot_product_token"]) == pytest.approx(POSITIVE_ANCHOR, rel=1e-6)
+    assert _value(alone_pseudo["loss_dot_product_token"]) == pytest.approx(0.3 * POSITIVE_ANCHOR, rel=1e-6)
+    # Regression and centerness are not weighted, and the positive still counts once.
+    assert _value(pseudo["loss_reg"]) == pytest.approx(_value(gold["loss_reg"]), rel=1e-6)
+    assert _value(pseudo["num_positives"]) == 1.0
+
+
+def test_background_weight_scales_the_negatives_of_a_pseudo_image():
+    half, _ = _image0_losses(weights=torch.tensor([1.0]), background_weight=0.5)
+    assert _value(half["loss_dot_product_token"]) == pytest.approx(POSITIVE_ANCHOR + 0.5 * BACKGROUND, rel=1e-6)
+
+
+def test_an_ignored_box_makes_its_anchor_neither_positive_nor_negative():
+    ignored, box_regression = _image0_losses(weights=torch.tensor([0.0]))
+    # A0 contributes nothing: no positive term, no negative term, no regression, no centerness.
+    assert _value(ignored["num_positives"]) == 0.0
+    assert _value(ignored["loss_dot_product_token"]) == pytest.approx(BACKGROUND, rel=1e-6)
+    assert _value(ignored["loss_reg"]) == 0.0 and _value(ignored["loss_centerness"]) == 0.0
+    total_loss(ignored).backward()
+    assert box_regression[0].grad.abs().sum() == 0
+    # Had the box been absent, A0 would have been a negative (3 more negative entries).
+    absent_box = BACKGROUND + 3 * 0.1875 * LN2
+    assert _value(ignored["loss_dot_product_token"]) < absent_box

@@ -32,6 +32,7 @@ from pipeline.train_data import (
     MixedSampleStream,
     OdvgSource,
     PseudoShardStream,
+    PseudoWeighting,
     SourceSpec,
     TrainDataError,
     TrainLoader,
@@ -112,6 +113,71 @@ def test_augment_clips_and_drops_boxes_outside_the_image():
     )
     out = augment(example, np.random.default_rng(1), min_sizes=(100,), max_size=100, flip_probability=0.0)
     assert out.boxes.tolist() == [[0.0, 10.0, 50.0, 99.0]] and out.spans == [[(0, 1)]]
+
+
+def _coco_example(shared_data: Path, coco: dict, index: int = 0) -> GroundingExample:
+    """A real COCO image with its boxes, each grounded to its class name in one caption."""
+    info = sorted(coco["images"], key=lambda i: i["id"])[index]
+    anns = [a for a in coco["annotations"] if a["image_id"] == info["id"]][:6]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    caption, spans = "", []
+    for ann in anns:
+        caption += ", " if caption else ""
+        spans.append([(len(caption), len(caption) + len(names[ann["category_id"]]))])
+        caption += names[ann["category_id"]]
+    boxes = xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32))
+    image = Image.open(shared_data / IMAGES / info["file_name"]).convert("RGB")
+    return GroundingExample(image=image, caption=caption, boxes=boxes, spans=spans, key=str(info["id"]),
+                            weights=torch.linspace(0.3, 0.9, len(anns)), background_weight=0.5)
+
+
+def test_strong_augment_keeps_every_box_whole_and_every_span_on_its_phrase(shared_data, coco):
+    example = _coco_example(shared_data, coco)
+    sizes = (example.boxes[:, 2:] - example.boxes[:, :2]).clone()
+    phrases = [example.caption[s:e] for ((s, e),) in example.spans]
+    cropped_any = False
+    for seed in range(12):
+        out = augment(example, np.random.default_rng(seed), min_sizes=(200,), max_size=400, flip_probability=0.0,
+                      crop_probability=1.0, cutout_probability=1.0, scale_jitter=0.25)
+        # Every box survives the crop, whole (the same size after undoing the resize), inside the image.
+        _, height, width = out.image.shape
+        assert out.boxes.shape == example.boxes.shape and out.weights.tolist() == example.weights.tolist()
+        # (a box on the edge may pass size - 1 by under a pixel: BoxList.resize scales the "+1" extent)
+        assert bool((out.boxes[:, :2] >= 0).all()) and bool((out.boxes[:, 2] <= width).all())
+        assert bool((out.boxes[:, 3] <= height).all())
+        scale = (out.boxes[:, 2:] - out.boxes[:, :2]) / sizes
+        assert scale.std(0).max() < 1e-3  # one scale per axis: no box was clipped
+        cropped_any |= abs(float(scale[0, 0]) * example.image.width - width) > 2
+        # The caption and spans are unchanged: each span still reads its phrase.
+        assert out.caption == example.caption and [out.caption[s:e] for ((s, e),) in out.spans] == phrases
+        # Cutout zeroed at most half of any box.
+        for x0, y0, x1, y1 in out.boxes.round().int().tolist():
+            region = out.image[:, y0 : y1 + 1, x0 : x1 + 1]
+            assert float((region == 0).all(0).float().mean()) <= 0.5 + 0.05
+        assert float((out.image == 0).all(0).float().mean()) > 0  # some patch was cut out
+    assert cropped_any
+
+
+def test_augment_without_strong_options_draws_as_the_weak_transform(shared_data, coco):
+    example = _coco_example(shared_data, coco, 1)
+    weak = augment(example, np.random.default_rng(3), min_sizes=(160, 200), max_size=400)
+    same = augment(example, np.random.default_rng(3), min_sizes=(160, 200), max_size=400,
+                   crop_probability=0.0, cutout_probability=0.0, scale_jitter=0.0)
+    assert torch.equal(weak.image, same.image) and torch.equal(weak.boxes, same.boxes) and weak.caption == same.caption
+
+
+def test_box_weights_follow_their_boxes_into_the_batch(tokenizer):
+    example = GroundingExample(
+        image=Image.new("RGB", (100, 100)), caption="a cat. a dog. a bird",
+        boxes=torch.tensor([[10.0, 10.0, 50.0, 50.0], [120.0, 0.0, 130.0, 10.0], [0.0, 0.0, 20.0, 20.0]]),
+        spans=[[(0, 5)], [(7, 12)], [(14, 20)]], weights=torch.tensor([0.3, 0.6, 0.0]), background_weight=0.25,
+    )
+    sample = augment(example, np.random.default_rng(0), min_sizes=(100,), max_size=100, flip_probability=0.0)
+    assert sample.weights.tolist() == pytest.approx([0.3, 0.0])  # the box outside the image left with its weight
+    [target] = collate([sample], tokenizer).targets
+    assert target["weights"].tolist() == pytest.approx([0.3, 0.0]) and target["background_weight"] == 0.25
+    [gold] = collate([TrainingSample(image=sample.image, caption="a cat", boxes=sample.boxes[:1], spans=[[(0, 5)]])], tokenizer).targets
+    assert "weights" not in gold and "background_weight" not in gold
 
 
 # -- prompts ------------------------------------------------------------------------------
@@ -346,8 +412,24 @@ def test_mixture_ratios_negatives_and_exact_resume(tmp_path, shared_data, coco, 
     assert [(p.record.key, p.caption, p.augment_seed) for p in tail] == [
         (p.record.key, p.caption, p.augment_seed) for p in planned[150:]
     ]
+    # Gold and unweighted pseudo samples carry no loss weights.
+    assert all(p.weights is None and p.background_weight is None for p in planned)
     with pytest.raises(TrainDataError, match="cannot resume the data stream"):
         MixedSampleStream(specs=specs[1:], tokenizer=tokenizer, seed=5).load_state_dict(state)
+
+
+def test_pseudo_weighting_turns_teacher_scores_into_box_weights(tmp_path, shared_data, coco, tokenizer):
+    folder = tmp_path / "pseudo"
+    write_pseudo_shards(folder, shared_data, coco, shards=1, per_shard=4)  # every region scores 0.9
+    spec = SourceSpec(kind="pseudo", paths=(str(folder),))
+    scored = MixedSampleStream(specs=[spec], tokenizer=tokenizer, pseudo_weighting=PseudoWeighting(score_weight=True, background_weight=0.5))
+    ignored = MixedSampleStream(specs=[spec], tokenizer=tokenizer, pseudo_weighting=PseudoWeighting(ignore_below=0.95))
+    for _ in range(4):
+        a, b = scored.next_sample(), ignored.next_sample()
+        assert a.weights.tolist() == pytest.approx([0.9] * len(a.boxes)) and a.background_weight == 0.5
+        assert b.weights.tolist() == [0.0] * len(b.boxes) and b.background_weight == 1.0
+    weighting = PseudoWeighting(score_weight=True, ignore_below=0.4)
+    assert weighting.box_weights(np.array([0.3, 0.4, 0.8], dtype=np.float32)).tolist() == pytest.approx([0.0, 0.4, 0.8])
 
 
 def test_workers_split_indexable_sources(shared_data, tokenizer):
