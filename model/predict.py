@@ -81,6 +81,7 @@ class GLIPPredictor:
         pad_to_max: bool = False,
         bf16: bool = False,
         nms_mode: str = "gpu",
+        score_agg: str = "MEAN",
         checkpoint: CheckpointInfo | None = None,
     ) -> None:
         self.model = model.eval()
@@ -103,6 +104,7 @@ class GLIPPredictor:
             nms_thresh=inference.nms_thresh,
             detections_per_img=inference.detections_per_img,
             nms_mode=nms_mode,
+            score_agg=score_agg.upper(),
         )
 
     @classmethod

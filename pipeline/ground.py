@@ -38,6 +38,9 @@ def ground(
     min_size: Optional[int] = typer.Option(None, help="Test-time short side (default: the checkpoint's, 800)."),
     max_size: Optional[int] = typer.Option(None, help="Test-time long-side cap (default 1333)."),
     threshold: float = typer.Option(0.5, help="Print detections scoring above this."),
+    phrase_score: str = typer.Option(
+        "mean", "--phrase-score", help="A phrase's score from its tokens' probabilities: mean (official) or max."
+    ),
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -55,6 +58,8 @@ def ground(
     except (UnidentifiedImageError, OSError) as exc:
         raise typer.BadParameter(f"{image}: cannot be decoded as an image: {exc}", param_hint="IMAGE") from None
 
+    if phrase_score not in ("mean", "max"):
+        raise typer.BadParameter(f"{phrase_score!r}: choose mean or max", param_hint="--phrase-score")
     if span:
         spans = [parse_span(s, caption) for s in span]
     else:
@@ -69,7 +74,8 @@ def ground(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         predictor = GLIPPredictor.from_checkpoint(
-            str(teacher), config=config, device=device, min_size=min_size, max_size=max_size
+            str(teacher), config=config, device=device, min_size=min_size, max_size=max_size,
+            score_agg=phrase_score.upper(),
         )
     except CheckpointError as exc:
         typer.echo(f"error: {exc}", err=True)

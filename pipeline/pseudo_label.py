@@ -70,9 +70,14 @@ class PseudoLabelConfig:
     num_gpus: float = 0.0
     cpus_per_worker: float = 1.0
     bf16: bool = False
+    phrase_score: str = "mean"  # a phrase's score from its tokens: mean (official) or max
     workers: int | None = None
     address: str | None = None
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.phrase_score not in ("mean", "max"):
+            raise ValueError(f"--phrase-score {self.phrase_score!r}: choose mean or max")
 
 
 def teacher_identity(path: str) -> dict[str, str]:
@@ -111,7 +116,7 @@ class PseudoLabelWorker:
             torch.set_num_threads(max(1, int(config.cpus_per_worker)))
         self.predictor = GLIPPredictor.from_checkpoint(
             storage.local_copy(config.teacher), config=config.config, device=device, min_size=config.min_size,
-            max_size=config.max_size, bf16=config.bf16 and device == "cuda",
+            max_size=config.max_size, bf16=config.bf16 and device == "cuda", score_agg=config.phrase_score.upper(),
         )
         self.config = config
         self.teacher = teacher
@@ -119,6 +124,7 @@ class PseudoLabelWorker:
             "stage": STAGE,
             "teacher": json.dumps(teacher),
             "floor": str(config.floor),
+            "phrase_score": config.phrase_score,
             "policy": json.dumps(config.policy.to_dict()),
         }
 
@@ -287,6 +293,7 @@ def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | Non
         "phrases": config.phrases,
         "config": config.config,
         "floor": config.floor,
+        "phrase_score": config.phrase_score,
         "filter": config.policy.to_dict(),
         "min_size": config.min_size,
         "max_size": config.max_size,
@@ -378,6 +385,9 @@ def pseudo_label_command(
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per actor (1: one actor per GPU; 0: CPU actors)."),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs (torch threads) per actor."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast on CUDA."),
+    phrase_score: str = typer.Option(
+        "mean", "--phrase-score", help="A phrase's score from its tokens' probabilities: mean (official) or max."
+    ),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU or GPU)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
@@ -391,7 +401,8 @@ def pseudo_label_command(
         run_config = PseudoLabelConfig(
             inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,
             floor=floor, min_size=min_size, max_size=max_size, batch_size=batch_size, num_gpus=num_gpus,
-            cpus_per_worker=cpus_per_worker, bf16=bf16, workers=workers, address=address, overwrite=overwrite,
+            cpus_per_worker=cpus_per_worker, bf16=bf16, phrase_score=phrase_score, workers=workers, address=address,
+            overwrite=overwrite,
         )
         stats = run_pseudo_label(run_config)
     except (FileNotFoundError, ValueError) as error:
