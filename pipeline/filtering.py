@@ -11,7 +11,16 @@ Steps, in order (each is off when its knob is unset):
 3. NMS at `nms_iou`, `nms_scope` "phrase" (within each phrase) or "all" (across phrases:
    one phrase per object, the best-scoring one).
 4. `top_k_per_phrase`: the k best boxes of each phrase.
-5. image rules: with `image_min_score` the image keeps its boxes only when one of its boxes
+5. `assign` "caption" (off: "none"): the caption says which objects the image holds, so the
+   boxes are matched to its phrases jointly instead of each keeping its best phrase. Boxes of
+   all phrases are grouped into objects (IoU >= `assign_iou` with the object's best box); the
+   objects whose best score passed step 1 are assigned to the phrases by maximum total score
+   (Hungarian), each phrase taking as many objects as its count word says ("two blue rings":
+   2, otherwise 1) and each object one phrase. A phrase the teacher scores low everywhere (a
+   concept gold never taught) then gets the object the other phrases leave: "a red square
+   beside a green hexagon" grounds the hexagon even when the teacher does not know the word.
+   Each kept box is the assigned phrase's own box on that object, with its own score.
+6. image rules: with `image_min_score` the image keeps its boxes only when one of its boxes
    (after the size rule) scores above it; `keep_best_if_empty` keeps the single best box of an
    image left with none (GLIP: every image contributes); `drop_empty` drops images with no box
    (the tar gets no sample for them, counted as `no_box` in the stats).
@@ -52,10 +61,14 @@ class FilterPolicy:
     image_min_score: float | None = None
     keep_best_if_empty: bool = False
     drop_empty: bool = True
+    assign: str = "none"  # "none" | "caption"
+    assign_iou: float = 0.6
 
     def __post_init__(self) -> None:
         if self.nms_scope not in ("phrase", "all"):
             raise ValueError(f"nms_scope must be 'phrase' or 'all', got {self.nms_scope!r}")
+        if self.assign not in ("none", "caption"):
+            raise ValueError(f"assign must be 'none' or 'caption', got {self.assign!r}")
         if not 0.0 <= self.min_box_frac <= self.max_box_frac <= 1.0:
             raise ValueError(f"need 0 <= min_box_frac <= max_box_frac <= 1, got {self.min_box_frac}, {self.max_box_frac}")
         if self.top_k_per_phrase is not None and self.top_k_per_phrase < 1:
@@ -86,13 +99,19 @@ def get_preset(name: str) -> FilterPolicy:
     return PRESETS[name]
 
 
-def apply_policy(boxes: Sequence[Box], width: int, height: int, policy: FilterPolicy) -> list[Box] | None:
-    """The boxes `policy` keeps for one image, best first; None when the image is dropped."""
+def apply_policy(
+    boxes: Sequence[Box], width: int, height: int, policy: FilterPolicy, *, phrases: Sequence[str] = ()
+) -> list[Box] | None:
+    """The boxes `policy` keeps for one image, best first; None when the image is dropped.
+    `phrases`: the image's phrase texts (for `assign="caption"` counts; index = Box.phrase)."""
     ordered = sorted(boxes, key=lambda b: -b.score)
     sized = [b for b in ordered if _size_ok(b, width, height, policy)]
     if policy.image_min_score is not None and not any(b.score > policy.image_min_score for b in sized):
         return None
-    kept = [b for b in sized if b.score > policy.min_score]
+    if policy.assign == "caption":
+        kept = assign_to_caption(sized, phrases, min_score=policy.min_score, iou=policy.assign_iou)
+    else:
+        kept = [b for b in sized if b.score > policy.min_score]
     if policy.nms_iou is not None and len(kept) > 1:
         kept = _nms(kept, policy.nms_iou, per_phrase=policy.nms_scope == "phrase")
     if policy.top_k_per_phrase is not None:
@@ -108,6 +127,53 @@ def apply_policy(boxes: Sequence[Box], width: int, height: int, policy: FilterPo
     if not kept and policy.drop_empty:
         return None
     return kept
+
+
+_COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+
+
+def phrase_count(text: str) -> int:
+    """How many objects a phrase names: its leading count word or number ("two dogs": 2), else 1."""
+    words = text.lower().split()
+    if not words:
+        return 1
+    if words[0].isdigit():
+        return max(1, min(int(words[0]), 20))
+    return _COUNT_WORDS.get(words[0], 1)
+
+
+def assign_to_caption(boxes: Sequence[Box], phrases: Sequence[str], *, min_score: float, iou: float) -> list[Box]:
+    """Step 5 of the module doc: objects (grouped boxes) matched to the caption's phrases by
+    maximum total score, phrases taking `phrase_count` objects each; best first."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    objects: list[dict[int, Box]] = []  # per object: phrase -> its best box there
+    for box in boxes:  # best first
+        for members in objects:
+            if box.phrase not in members and _iou(box.bbox, next(iter(members.values())).bbox) >= iou:
+                members[box.phrase] = box
+                break
+        else:
+            if not any(box.phrase in m and _iou(box.bbox, m[box.phrase].bbox) >= iou for m in objects):
+                objects.append({box.phrase: box})
+    objects = [m for m in objects if max(b.score for b in m.values()) > min_score]
+    if not objects:
+        return []
+    count = max(max(b.phrase for m in objects for b in m.values()) + 1, len(phrases))
+    slots = [p for p in range(count) for _ in range(phrase_count(phrases[p]) if p < len(phrases) else 1)]
+    scores = np.asarray([[m[p].score if p in m else 0.0 for p in slots] for m in objects])  # [objects, slots]
+    rows, cols = linear_sum_assignment(scores, maximize=True)
+    kept = [objects[r][slots[c]] for r, c in zip(rows, cols) if scores[r, c] > 0]
+    return sorted(kept, key=lambda b: -b.score)
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _size_ok(box: Box, width: int, height: int, policy: FilterPolicy) -> bool:

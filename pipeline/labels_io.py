@@ -144,7 +144,8 @@ def filter_row(row: DetectionRow, policy: FilterPolicy) -> list[Box] | None:
     """The policy's boxes for a grounded row; None when the row is skipped or dropped."""
     if row.error is not None:
         return None
-    return apply_policy(row.boxes or [], row.width, row.height, policy)
+    phrases = [str(p["text"]) for p in row.phrases or []]
+    return apply_policy(row.boxes or [], row.width, row.height, policy, phrases=phrases)
 
 
 NO_BOX = "no_box"  # grounded, but the filter policy kept nothing and dropped the image

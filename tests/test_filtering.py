@@ -54,3 +54,21 @@ def test_presets_and_overrides_are_validated():
         FilterPolicy(nms_scope="image")
     custom = get_preset("grit").with_overrides(min_score=0.3, nms_iou=None)
     assert custom.name == "grit+custom" and custom.min_score == 0.3 and custom.nms_iou == 0.5
+
+
+def test_caption_assignment_gives_the_left_over_object_to_the_unknown_phrase():
+    # "a red square beside a green hexagon": the teacher knows squares, not the word hexagon, so
+    # both objects score best on "a red square". Assigned jointly, the hexagon gets the phrase left.
+    from pipeline.filtering import Box, FilterPolicy, apply_policy, phrase_count
+
+    square, hexagon = (10.0, 10.0, 50.0, 50.0), (70.0, 10.0, 110.0, 50.0)
+    boxes = [Box(square, 0.9, 0), Box(square, 0.3, 1), Box(hexagon, 0.7, 0), Box((71.0, 11.0, 110.0, 50.0), 0.35, 1)]
+    phrases = ["a red square", "a green hexagon"]
+    plain = apply_policy(boxes, 120, 60, FilterPolicy(min_score=0.5))
+    assert [(b.bbox, b.phrase) for b in plain] == [(square, 0), (hexagon, 0)]  # both called a red square
+    assigned = apply_policy(boxes, 120, 60, FilterPolicy(min_score=0.5, assign="caption"), phrases=phrases)
+    assert [(b.bbox, b.phrase, b.score) for b in assigned] == [(square, 0, 0.9), ((71.0, 11.0, 110.0, 50.0), 1, 0.35)]
+    # A count word lets one phrase take several objects.
+    assert phrase_count("two blue rings") == 2 and phrase_count("3 dogs") == 3 and phrase_count("a dog") == 1
+    both = apply_policy(boxes, 120, 60, FilterPolicy(min_score=0.5, assign="caption"), phrases=["two red squares", "a green hexagon"])
+    assert sorted((b.bbox, b.phrase) for b in both) == [(square, 0), (hexagon, 0)]
