@@ -19,17 +19,34 @@ Every step is the code a cluster run uses, on one embedded Ray:
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import typer
+from typing import Optional
 
-from pipeline.world import SIZES, WorldPaths, write_world
+from pipeline.demo_report import render_html
+from pipeline.world import BASE_KINDS, SIZES, TAIL_KINDS, WorldPaths, write_world
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """How the student learns from the teacher's pseudo-labels (each a `train-student` option).
+
+    The control gets the same augmentation, steps, initialisation and gold; the pseudo-label
+    options only touch pseudo samples, which the control has none of.
+    """
+
+    pseudo_weight: float = 1.0  # mixing weight of the pseudo source (each gold source weighs 1)
+    score_weight: bool = False  # --pseudo-score-weight
+    ignore_below: float = 0.0  # --pseudo-ignore-below
+    background_weight: float = 1.0  # --pseudo-background-weight
+    augment: str = "weak"  # --augment (student and control)
+    phrase_score: str = "mean"  # the teacher's phrase scores in pseudo-label (--phrase-score)
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,12 @@ class DemoSchedule:
     max_size: int = 192
     lr: float = 1e-3
     gallery: int = 24
+    # The tiny GLIP with plain convs in DyHead on an ImageNet-pretrained MobileNetV2 (the only
+    # pretrained visual weights available offline); its text encoder starts from
+    # all-MiniLM-L6-v2 and stays frozen (the fusion layers train).
+    variant: str = "tiny-mnv2"
+    init_backbone: str | None = "imagenet"
+    recipe: StudentRecipe = StudentRecipe()
 
 
 SCHEDULES = {
@@ -51,9 +74,13 @@ SCHEDULES = {
     "large": DemoSchedule(teacher_steps=3000, student_steps=3000),
 }
 PRESET_NAMES = ("glip", "grit", "owlst")
-# The tiny GLIP with plain convs in DyHead; its text encoder starts from all-MiniLM-L6-v2 and
-# stays frozen (the fusion layers train): together 3.5x the training samples/s on a CPU.
-VARIANT = "tiny-cpu"
+WORLD_DESCRIPTION = (
+    f"The gold split (the teacher's human annotations) draws and names only the base kinds "
+    f"({', '.join(BASE_KINDS)}), as COCO or Flickr30k annotate a fixed, narrow vocabulary. The web split is several "
+    f"times larger and holds every kind; the tail kinds ({', '.join(TAIL_KINDS)}) appear only there, named by the "
+    "captions alone, as CC3M/SBU alt-texts name concepts no detection set boxes. The test split covers every kind, so "
+    "its tail AP measures what the loop learnt from captions (GLIP's LVIS-rare gain from CC3M+SBU, OWL-ST's APr gain)."
+)
 
 
 class DemoProgress:
@@ -79,12 +106,26 @@ class DemoProgress:
         return time.perf_counter() - self.started
 
 
-def _train(out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *, init: str | None = None) -> dict:
+def _train(
+    out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *, init: str | None = None,
+    recipe: StudentRecipe | None = None,
+) -> dict:
+    """Train one arm: the teacher (`recipe` None: the official weak augmentation) or, from
+    `init`, the student or the control with `recipe`'s options."""
     from pipeline.train_loop import TrainConfig
-    from pipeline.train_student import run_training
+    from pipeline.train_student import augment_options, run_training
+
+    options = {}
+    if recipe is not None:
+        options = {
+            **augment_options(recipe.augment),
+            "pseudo_score_weight": recipe.score_weight,
+            "pseudo_ignore_below": recipe.ignore_below,
+            "pseudo_background_weight": recipe.background_weight,
+        }
 
     config = TrainConfig(
-        variant=VARIANT,
+        variant=schedule.variant,
         out=str(out),
         sources=tuple(sources),
         steps=steps,
@@ -98,11 +139,13 @@ def _train(out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *,
         schedule="cosine",
         init=init,
         init_text=None if init else "minilm",
+        init_backbone=None if init else schedule.init_backbone,
         checkpoint_every=max(steps, 1),
         log_every=max(1, steps // 10),
         workers=schedule.workers,
         cpus_per_worker=1,
         freeze_text=True,
+        **options,
     )
     outcome = run_training(config)
     stats = json.loads((out / "_stats.json").read_text())
@@ -112,6 +155,7 @@ def _train(out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *,
         "steps": outcome.steps,
         "final_loss": outcome.final_loss,
         "samples_per_s": round(rate, 2) if rate is not None else None,
+        "samples_by_source": stats.get("samples_by_source_worker0", {}),
     }
 
 
@@ -122,154 +166,179 @@ def _evaluate(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dic
     predictor = GLIPPredictor.from_checkpoint(checkpoint, min_size=schedule.test_min_size, max_size=schedule.max_size)
     started = time.perf_counter()
     result = evaluate_model(predictor, paths.test_coco, paths.test_images, batch_size=4)
-    return {**result.as_dict(), "images_per_s": round(result.num_images / (time.perf_counter() - started), 2)}
+    return {
+        **result.as_dict(),
+        "AP_base": result.group_ap(BASE_KINDS),
+        "AP_tail": result.group_ap(TAIL_KINDS),
+        "images_per_s": round(result.num_images / (time.perf_counter() - started), 2),
+    }
 
 
-def run_demo(out: Path, *, size: str = "default", seed: int = 0, preset: str = "glip", control: bool = True) -> dict:
-    """Run the loop in `out`; returns the report dict (also written as report.json/html)."""
+def run_demo(
+    out: Path, *, size: str = "default", seed: int = 0, preset: str = "glip", control: bool = True,
+    recipe: StudentRecipe | None = None,
+) -> dict:
+    """Run the loop in `out`; returns the report dict (also written as report.json/html).
+    `recipe` overrides the schedule's student recipe."""
     from pipeline.cluster import init_ray, shutdown_ray
-    from pipeline.evaluate import load_gold, pseudo_predictions, score_boxes
-    from pipeline.filter_stage import FilterConfig, run_filter
+
+    if size not in SCHEDULES:
+        raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[size] if recipe is None else replace(SCHEDULES[size], recipe=recipe)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    progress = DemoProgress(total=9 if control else 8)
+    started_ray = init_ray(None, include_dashboard=True)  # one embedded Ray for every stage
+    try:
+        runs = _run_stages(out, size=size, seed=seed, preset=preset, control=control, schedule=schedule, progress=progress)
+    finally:
+        shutdown_ray(started_ray)
+    seconds = progress.done()
+    report = _report(runs, size=size, seed=seed, preset=preset, schedule=schedule, progress=progress, seconds=seconds)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.html").write_text(render_html(report), encoding="utf-8")
+    return report
+
+
+def _run_stages(out: Path, *, size: str, seed: int, preset: str, control: bool, schedule: DemoSchedule, progress) -> dict:
+    """Every stage of the loop, in order; returns what the report is made of."""
     from pipeline.filtering import get_preset
     from pipeline.inspect_labels import write_gallery
     from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
     from pipeline.pseudo_label import PseudoLabelConfig, run_pseudo_label
     from pipeline.train_data import SourceSpec
 
-    if size not in SCHEDULES:
-        raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(SCHEDULES)}")
-    schedule = SCHEDULES[size]
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    progress = DemoProgress(total=9 if control else 8)
-    started_ray = init_ray(None, include_dashboard=True)  # one embedded Ray for every stage
-    try:
-        progress.begin("world")
-        paths = write_world(out / "world", size=size, seed=seed)
-        gold = [
-            SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
-            SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
-        ]
-        progress.begin("train teacher on gold")
-        teacher = _train(out / "teacher", gold, schedule, schedule.teacher_steps, seed)
+    recipe = schedule.recipe
+    progress.begin("world")
+    paths = write_world(out / "world", size=size, seed=seed)
+    gold = [
+        SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
+        SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
+    ]
+    progress.begin("train teacher on gold")
+    teacher = _train(out / "teacher", gold, schedule, schedule.teacher_steps, seed)
 
-        progress.begin("parse-captions")
-        parse_stats = run_parse_captions(ParseCaptionsConfig(inputs=(str(paths.web_shards),), out=str(out / "phrases")))
+    progress.begin("parse-captions")
+    parse_stats = run_parse_captions(ParseCaptionsConfig(inputs=(str(paths.web_shards),), out=str(out / "phrases")))
 
-        progress.begin("pseudo-label")
-        label_stats = run_pseudo_label(
-            PseudoLabelConfig(
-                inputs=(str(paths.web_shards),), phrases=str(out / "phrases"), teacher=teacher["checkpoint"],
-                out=str(out / "pseudo_label"), policy=get_preset(preset), min_size=schedule.test_min_size,
-                max_size=schedule.max_size, batch_size=4,
-            )
+    progress.begin("pseudo-label")
+    label_stats = run_pseudo_label(
+        PseudoLabelConfig(
+            inputs=(str(paths.web_shards),), phrases=str(out / "phrases"), teacher=teacher["checkpoint"],
+            out=str(out / "pseudo_label"), policy=get_preset(preset), min_size=schedule.test_min_size,
+            max_size=schedule.max_size, batch_size=4, phrase_score=recipe.phrase_score,
         )
-        progress.begin("filter (every preset) and pseudo-label quality")
-        web_gold = load_gold(paths.web_gold)
-        presets = {}
-        for name in PRESET_NAMES:
-            folder = out / "filtered" / name
-            filter_stats = run_filter(
-                FilterConfig(inputs=(str(paths.web_shards),), detections=str(out / "pseudo_label"), out=str(folder), policy=get_preset(name))
-            )
-            quality = score_boxes(web_gold, pseudo_predictions(web_gold, [str(folder / "pseudo")]), class_agnostic=True)
-            presets[name] = {
-                "images": filter_stats["written"],
-                "boxes": filter_stats.get("kept_boxes", 0),
-                "precision50": round(quality.precision50, 4),
-                "recall50": round(quality.recall50, 4),
-                "AP50": round(quality.ap["AP50"], 4),
-            }
+    )
+    progress.begin("filter (every preset) and pseudo-label quality")
+    presets, curves = _filter_every_preset(out, paths)
 
-        progress.begin(f"train student on gold + pseudo ({preset})")
-        student_sources = list(gold)
-        if presets[preset]["images"]:
-            student_sources.append(SourceSpec(kind="pseudo", paths=(str(out / "filtered" / preset / "pseudo"),)))
-        else:  # a teacher whose scores all stay under the preset's threshold (e.g. --size small)
-            print(f"demo: the {preset} preset kept no pseudo-label (every teacher score is under its threshold); "
-                  "the student trains on gold only", flush=True)
-        student = _train(out / "student", student_sources, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"])
-        if control:
-            progress.begin("train control: teacher + the same steps on gold only")
-            control_run = _train(out / "control", gold, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"])
+    progress.begin(f"train student on gold + pseudo ({preset})")
+    student_sources = list(gold)
+    if presets[preset]["images"]:
+        pseudo_folder = str(out / "filtered" / preset / "pseudo")
+        student_sources.append(SourceSpec(kind="pseudo", paths=(pseudo_folder,), weight=recipe.pseudo_weight))
+    else:  # a teacher whose scores all stay under the preset's threshold (e.g. --size small)
+        print(f"demo: the {preset} preset kept no pseudo-label (every teacher score is under its threshold); "
+              "the student trains on gold only", flush=True)
+    arms = {"teacher": teacher}
+    arms["student"] = _train(
+        out / "student", student_sources, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"], recipe=recipe
+    )
+    if control:
+        progress.begin("train control: teacher + the same steps, augmentation and gold, no pseudo-labels")
+        arms["control"] = _train(
+            out / "control", gold, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"], recipe=recipe
+        )
 
-        progress.begin("eval on the test split")
-        models = {"teacher": _evaluate(teacher["checkpoint"], paths, schedule), "student": _evaluate(student["checkpoint"], paths, schedule)}
-        if control:
-            models["control"] = _evaluate(control_run["checkpoint"], paths, schedule)
+    progress.begin("eval on the test split")
+    models = {name: _evaluate(run["checkpoint"], paths, schedule) for name, run in arms.items()}
 
-        progress.begin("report")
-        write_gallery(str(out / "filtered" / preset), out / "gallery", n=schedule.gallery, title=f"pseudo-labels ({preset})")
-    finally:
-        shutdown_ray(started_ray)
-    seconds = progress.done()
+    progress.begin("report")
+    write_gallery(str(out / "filtered" / preset), out / "gallery", n=schedule.gallery, title=f"pseudo-labels ({preset})")
+    return {
+        "models": models, "arms": arms, "presets": presets, "curves": curves,
+        "parse_stats": parse_stats, "label_stats": label_stats, "pseudo_sources": len(student_sources) > len(gold),
+    }
+
+
+def _filter_every_preset(out: Path, paths: WorldPaths) -> tuple[dict, dict]:
+    """`filter` the stored detections with each preset; rate each against the web split's
+    hidden gold (class-agnostic, IoU 0.5), with its precision-recall curve over score thresholds."""
+    from pipeline.demo_report import pr_curve
+    from pipeline.evaluate import load_gold, pseudo_predictions, score_boxes
+    from pipeline.filter_stage import FilterConfig, run_filter
+    from pipeline.filtering import get_preset
+
+    web_gold = load_gold(paths.web_gold)
+    presets, curves = {}, {}
+    for name in PRESET_NAMES:
+        folder = out / "filtered" / name
+        filter_stats = run_filter(
+            FilterConfig(inputs=(str(paths.web_shards),), detections=str(out / "pseudo_label"), out=str(folder), policy=get_preset(name))
+        )
+        predictions = pseudo_predictions(web_gold, [str(folder / "pseudo")])
+        quality = score_boxes(web_gold, predictions, class_agnostic=True)
+        presets[name] = {
+            "images": filter_stats["written"],
+            "boxes": filter_stats.get("kept_boxes", 0),
+            "precision50": round(quality.precision50, 4),
+            "recall50": round(quality.recall50, 4),
+            "AP50": round(quality.ap["AP50"], 4),
+        }
+        curves[name] = pr_curve(web_gold, predictions)
+    return presets, curves
+
+
+def _gap(models: dict, key: str, a: str, b: str) -> float:
+    if a not in models or b not in models:
+        return float("nan")
+    return round(100 * (models[a][key] - models[b][key]), 2)
+
+
+def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSchedule, progress, seconds: float) -> dict:
+    from pipeline.demo_report import ap_chart, pr_chart
+
+    models, arms, presets = runs["models"], runs["arms"], runs["presets"]
+    drawn = arms["student"].get("samples_by_source", {})
+    recipe = schedule.recipe
+    weights = {"coco": 1.0, "grounding": 1.0, **({"pseudo": recipe.pseudo_weight} if runs["pseudo_sources"] else {})}
     report = {
         "size": size,
         "seed": seed,
         "preset": preset,
         "schedule": asdict(schedule),
         "world": asdict(SIZES[size]),
+        "world_description": WORLD_DESCRIPTION,
         "models": models,
-        "student_minus_teacher_AP": round(100 * (models["student"]["AP"] - models["teacher"]["AP"]), 2),
+        "gaps": {
+            "student_minus_control": _gap(models, "AP", "student", "control"),
+            "student_minus_teacher": _gap(models, "AP", "student", "teacher"),
+            "tail_student_minus_control": _gap(models, "AP_tail", "student", "control"),
+            "base_student_minus_control": _gap(models, "AP_base", "student", "control"),
+        },
+        "student_minus_teacher_AP": _gap(models, "AP", "student", "teacher"),
         "student_pseudo_images": presets[preset]["images"],
+        "student_recipe": asdict(recipe),
+        "student_mix": {
+            "weights": weights,
+            "samples_drawn_worker0": drawn,
+            "pseudo_fraction": round(drawn.get("pseudo", 0) / max(sum(drawn.values()), 1), 4),
+        },
         "pseudo_labels": presets,
+        "pseudo_label_curves": runs["curves"],
         "throughput": {
-            "parse_captions_per_s": parse_stats["throughput"]["samples_per_s"],
-            "pseudo_label_images_per_s": label_stats["throughput"]["samples_per_s"],
-            "teacher_train_samples_per_s": teacher["samples_per_s"],
-            "student_train_samples_per_s": student["samples_per_s"],
+            "parse_captions_per_s": runs["parse_stats"]["throughput"]["samples_per_s"],
+            "pseudo_label_images_per_s": runs["label_stats"]["throughput"]["samples_per_s"],
+            "teacher_train_samples_per_s": arms["teacher"]["samples_per_s"],
+            "student_train_samples_per_s": arms["student"]["samples_per_s"],
             "eval_images_per_s": models["teacher"]["images_per_s"],
         },
-        "training": {"teacher": teacher, "student": student, **({"control": control_run} if control else {})},
+        "training": arms,
         "stage_seconds": progress.timings,
         "total_seconds": round(seconds, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.html").write_text(render_html(report), encoding="utf-8")
+    report["charts"] = {"ap": ap_chart(models), "pr": pr_chart(runs["curves"], presets)}
     return report
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value < 0 else f"{100 * value:.1f}"
-
-
-def render_html(report: dict) -> str:
-    ap_keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{_pct(m[k])}</td>" for k in ap_keys) + "</tr>"
-        for name, m in report["models"].items()
-    )
-    presets = "".join(
-        f"<tr><th>{html.escape(name)}{' (student)' if name == report['preset'] else ''}</th><td>{p['images']}</td><td>{p['boxes']}</td>"
-        f"<td>{_pct(p['precision50'])}</td><td>{_pct(p['recall50'])}</td><td>{_pct(p['AP50'])}</td></tr>"
-        for name, p in report["pseudo_labels"].items()
-    )
-    throughput = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in report["throughput"].items())
-    stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in report["stage_seconds"].items())
-    delta = report["student_minus_teacher_AP"]
-    no_pseudo = ""
-    if not report.get("student_pseudo_images", 1):
-        no_pseudo = (f"<p><b>The {html.escape(report['preset'])} preset kept no pseudo-label</b> (every teacher score is under "
-                     "its threshold): the student trained on gold only, like the control.</p>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>GLIP data engine demo</title>
-<style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse;margin:8px 0 20px}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left;background:#f4f4f4}}
-.big{{font-size:22px}}iframe{{width:100%;height:900px;border:1px solid #ccc}}</style></head><body>
-<h1>GLIP self-training demo</h1>
-<p>World <b>{html.escape(report['size'])}</b>, seed {report['seed']}, student preset <b>{html.escape(report['preset'])}</b>,
-total {report['total_seconds']} s. Every number below comes from pycocotools on this run's outputs.</p>
-<p class="big">Student - teacher: <b>{delta:+.1f} AP</b> on the held-out test split.</p>
-<h2>Test split (zero-shot detection, class names as the prompt)</h2>
-<table><tr><th>model</th>{''.join(f'<th>{k}</th>' for k in ap_keys)}</tr>{rows}</table>
-<p>teacher: trained on gold only; student: teacher weights + {report['schedule']['student_steps']} steps on gold + pseudo;
-control: teacher weights + the same steps on gold only.</p>{no_pseudo}
-<h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
-<table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>
-<h2>Throughput</h2><table>{throughput}</table>
-<h2>Stage times (s)</h2><table>{stages}</table>
-<h2>Pseudo-labelled images</h2><p><a href="gallery/index.html">gallery/index.html</a></p>
-<iframe src="gallery/index.html"></iframe>
-</body></html>"""
 
 
 def demo_command(
@@ -279,8 +348,22 @@ def demo_command(
     preset: str = typer.Option("glip", "--preset", help="Filter preset of the student's pseudo-labels."),
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the gold-only control."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run in --out."),
+    pseudo_weight: Optional[float] = typer.Option(None, "--pseudo-weight", help="Mixing weight of the pseudo source (gold sources weigh 1)."),
+    pseudo_score_weight: Optional[bool] = typer.Option(
+        None, "--pseudo-score-weight/--no-pseudo-score-weight", help="Score-weighted classification loss on pseudo boxes."
+    ),
+    pseudo_ignore_below: Optional[float] = typer.Option(None, "--pseudo-ignore-below", help="Ignore band: pseudo boxes under T."),
+    pseudo_background_weight: Optional[float] = typer.Option(None, "--pseudo-background-weight", help="Background weight in pseudo images."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="weak or strong, for student and control alike."),
+    phrase_score: Optional[str] = typer.Option(None, "--phrase-score", help="The teacher's phrase scores: mean or max."),
 ) -> None:
-    """Run the whole self-training loop on an embedded world and report student vs teacher."""
+    """Run the whole self-training loop on an embedded world: teacher, student and gold-only control.
+
+    The student recipe defaults to the size's schedule; each option overrides one ingredient
+    (the README's ablation table is made of such runs), e.g.
+
+        pipeline demo --out runs/weak --augment weak
+    """
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             print(f"error: --out {out} is not empty: give a new folder, or --overwrite to replace the earlier demo", file=sys.stderr)
@@ -292,16 +375,22 @@ def demo_command(
     from pipeline.train_data import TrainDataError
     from pipeline.train_student import TrainingInterrupted
 
+    overrides = {
+        "pseudo_weight": pseudo_weight, "score_weight": pseudo_score_weight, "ignore_below": pseudo_ignore_below,
+        "background_weight": pseudo_background_weight, "augment": augment, "phrase_score": phrase_score,
+    }
+    base = SCHEDULES.get(size, SCHEDULES["default"]).recipe
+    recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     try:
-        report = run_demo(out, size=size, seed=seed, preset=preset, control=control)
+        report = run_demo(out, size=size, seed=seed, preset=preset, control=control, recipe=recipe)
     except (ValueError, TrainDataError, TrainingInterrupted, FileNotFoundError) as error:
         print(f"error: demo stopped: {error}", file=sys.stderr)
         raise typer.Exit(code=1) from None
-    models = report["models"]
-    print(
-        f"demo: teacher AP {100 * models['teacher']['AP']:.1f}, student AP {100 * models['student']['AP']:.1f} "
-        f"({report['student_minus_teacher_AP']:+.1f})"
-        + (f", control AP {100 * models['control']['AP']:.1f}" if "control" in models else "")
-        + f"; report: {out / 'report.html'} ({report['total_seconds']:.0f} s)"
+    models, gaps = report["models"], report["gaps"]
+    arms = ", ".join(
+        f"{name} AP {100 * m['AP']:.1f} (tail {100 * max(m['AP_tail'], 0):.1f})" for name, m in models.items()
     )
+    print(f"demo: {arms}; report: {out / 'report.html'} ({report['total_seconds']:.0f} s)")
+    control_gap = f"student - control {gaps['student_minus_control']:+.1f} AP, " if "control" in models else ""
+    print(f"demo: {control_gap}student - teacher {gaps['student_minus_teacher']:+.1f} AP")
 

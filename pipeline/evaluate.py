@@ -19,7 +19,7 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,10 +44,17 @@ class EvalResult:
     num_predictions: int
     num_gold: int
     num_images: int
+    category_ap: dict[str, float] = field(default_factory=dict)  # AP@[.5:.95] per category name
+
+    def group_ap(self, names: Sequence[str]) -> float:
+        """Mean AP over the categories `names` that have gold boxes (COCOeval's mean over classes)."""
+        values = [self.category_ap[n] for n in names if self.category_ap.get(n, -1.0) >= 0]
+        return float(np.mean(values)) if values else -1.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
             **self.ap,
+            "category_ap": dict(self.category_ap),
             "precision50": self.precision50,
             "recall50": self.recall50,
             "num_predictions": self.num_predictions,
@@ -162,8 +169,10 @@ def score_boxes(gold, predictions: Sequence[dict], *, class_agnostic: bool = Fal
             evaluator.accumulate()
             evaluator.summarize()
         ap = {key: float(value) for key, value in zip(AP_KEYS, evaluator.stats[:6])}
+        category_ap = _per_category_ap(gold, evaluator)
     else:
         ap = {key: 0.0 for key in AP_KEYS}
+        category_ap = {c["name"]: 0.0 for c in gold.dataset["categories"]}
     return EvalResult(
         ap=ap,
         precision50=precision,
@@ -171,7 +180,21 @@ def score_boxes(gold, predictions: Sequence[dict], *, class_agnostic: bool = Fal
         num_predictions=len(predictions),
         num_gold=num_gold,
         num_images=len(image_ids),
+        category_ap=category_ap,
     )
+
+
+def _per_category_ap(gold, evaluator) -> dict[str, float]:
+    """AP@[.5:.95] of each category (all areas, 100 detections), -1 without gold boxes: the
+    per-class means that COCOeval's summary AP averages."""
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    names = {int(c["id"]): c["name"] for c in gold.dataset["categories"]}
+    result = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        result[names[int(category_id)]] = float(values.mean()) if values.size else -1.0
+    return result
 
 
 def evaluate_model(

@@ -9,8 +9,16 @@ English with junk ("royalty free vector", ids, file names), group repeated objec
 count ("two blue rings"), sometimes name an absent object and sometimes omit a present one,
 so the teacher's pseudo-labels are imperfect in the ways web captions are.
 
+The world is a miniature of GLIP's setting: human gold is narrow, web captions are broad,
+evaluation is broad. The gold split (the teacher's data, like COCO/Flickr30k for GLIP-T)
+draws and annotates only the `BASE_KINDS`; its category list names only them, as COCO's 80
+classes do. The web split is several times larger and holds every kind, the `TAIL_KINDS`
+included, named only by its captions (as CC3M/SBU captions name concepts no detection set
+annotates). The test split covers every kind, so its AP on the tail kinds measures what the
+loop learnt from captions alone (GLIP's LVIS-rare gain, OWL-ST's APr gain).
+
 `write_world(out, size, seed)` writes three splits (`WorldPaths`):
-- gold: `gold/images/*.jpg`, `gold/instances.json` (COCO detection, one category per kind)
+- gold: `gold/images/*.jpg`, `gold/instances.json` (COCO detection, one category per base kind)
   and `gold/grounding.json` (MDETR/GoldG layout: `caption` per image, `tokens_positive` per box);
 - web: img2dataset-style shards `web/shards/{00000..}.tar` (`{key}.jpg`, `{key}.txt`,
   `{key}.json`) and, kept aside, `web/web_gold.json` (COCO, image id = int(key)) to measure
@@ -31,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("square", "circle", "triangle", "star", "cross", "ring", "diamond", "hexagon")
+BASE_KINDS = KINDS[:4]  # drawn and annotated in the gold split
+TAIL_KINDS = KINDS[4:]  # only in the web (named by captions) and test splits
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -51,11 +61,12 @@ class WorldSize:
     web_shards: int
     test: int
     image_side: tuple[int, int] = (128, 160)  # long side drawn from this range (small: fast CPU training)
+    object_scale: float = 1.0  # object radii relative to the image's long side / 224
 
 
 SIZES = {
     "small": WorldSize(gold=24, web=32, web_shards=2, test=16),
-    "default": WorldSize(gold=160, web=480, web_shards=6, test=100),
+    "default": WorldSize(gold=160, web=640, web_shards=8, test=100),
     "large": WorldSize(gold=640, web=1920, web_shards=16, test=400),
 }
 
@@ -148,8 +159,10 @@ def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> n
     return np.clip(canvas, 0, 255)
 
 
-def render_image(rng: np.random.Generator, side: tuple[int, int]) -> tuple[Image.Image, list[_Object], str]:
-    """One image, its visible objects (gold) and its background kind."""
+def render_image(
+    rng: np.random.Generator, side: tuple[int, int], kinds: tuple[str, ...] = KINDS, object_scale: float = 1.0
+) -> tuple[Image.Image, list[_Object], str]:
+    """One image of objects drawn from `kinds`, its visible objects (gold) and its background kind."""
     long_side = int(rng.integers(side[0], side[1] + 1))
     short_side = int(long_side * rng.uniform(0.65, 1.0))
     size = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
@@ -158,10 +171,10 @@ def render_image(rng: np.random.Generator, side: tuple[int, int]) -> tuple[Image
     owner = np.full((size[1], size[0]), -1, dtype=np.int32)
     drawn: list[tuple[str, str, str, str, np.ndarray]] = []
     for index in range(int(rng.integers(1, 6))):
-        kind, colour = str(rng.choice(KINDS)), str(rng.choice(list(COLOURS)))
+        kind, colour = str(rng.choice(kinds)), str(rng.choice(list(COLOURS)))
         big = rng.random() < 0.5
-        scale = long_side / 224  # object radii in proportion to the image
-        r = float(rng.uniform(26, 40) if big else rng.uniform(14, 22)) * scale
+        scale = long_side / 224 * object_scale  # object radii in proportion to the image
+        r = min(float(rng.uniform(26, 40) if big else rng.uniform(14, 22)) * scale, 0.45 * min(size))
         cx, cy = rng.uniform(r, size[0] - r), rng.uniform(r, size[1] - r)
         mask = np.asarray(_shape_mask(kind, size, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))) > 127
         texture = str(rng.choice(TEXTURES, p=(0.5, 0.25, 0.25)))
@@ -182,8 +195,11 @@ def _plural(kind: str) -> str:
     return kind + "es" if kind.endswith(("s", "x", "sh", "ch")) else kind + "s"
 
 
-def write_caption(objects: list[_Object], background: str, rng: np.random.Generator) -> tuple[str, list[tuple[tuple[int, int], list[int]]]]:
-    """A web-style caption and its phrases: ((start, end), indices of the objects they name)."""
+def write_caption(
+    objects: list[_Object], background: str, rng: np.random.Generator, kinds: tuple[str, ...] = KINDS
+) -> tuple[str, list[tuple[tuple[int, int], list[int]]]]:
+    """A web-style caption and its phrases: ((start, end), indices of the objects they name);
+    an absent object it sometimes names is one of `kinds`."""
     groups: dict[tuple[str, str], list[int]] = {}
     for index, obj in enumerate(objects):
         if rng.random() < 0.12 and len(objects) > 1:
@@ -205,7 +221,7 @@ def write_caption(objects: list[_Object], background: str, rng: np.random.Genera
         mentions.append((text, members))
     if rng.random() < 0.15:  # an object the caption names but the image does not hold
         colour = str(rng.choice(list(COLOURS)))
-        mentions.append((f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {rng.choice(KINDS)}", []))
+        mentions.append((f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {rng.choice(kinds)}", []))
     order = rng.permutation(len(mentions))
     mentions = [mentions[i] for i in order]
     joiners = [" and ", " beside ", " with ", ", ", " next to "]
@@ -225,8 +241,9 @@ def write_caption(objects: list[_Object], background: str, rng: np.random.Genera
     return caption, spans
 
 
-def _categories() -> list[dict]:
-    return [{"id": i + 1, "name": kind, "supercategory": "shape"} for i, kind in enumerate(KINDS)]
+def _categories(kinds: tuple[str, ...] = KINDS) -> list[dict]:
+    """COCO categories of `kinds`; ids are positions in `KINDS` + 1 in every split."""
+    return [{"id": KINDS.index(kind) + 1, "name": kind, "supercategory": "shape"} for kind in kinds]
 
 
 def _coco_boxes(objects: list[_Object], image_id: int, next_id: int) -> list[dict]:
@@ -246,12 +263,12 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _split(rng: np.random.Generator, count: int, side: tuple[int, int], first_id: int):
+def _split(rng: np.random.Generator, count: int, spec: WorldSize, first_id: int, kinds: tuple[str, ...] = KINDS):
     for offset in range(count):
-        image, objects, background = render_image(rng, side)
+        image, objects, background = render_image(rng, spec.image_side, kinds, spec.object_scale)
         while not objects:
-            image, objects, background = render_image(rng, side)
-        caption, spans = write_caption(objects, background, rng)
+            image, objects, background = render_image(rng, spec.image_side, kinds, spec.object_scale)
+        caption, spans = write_caption(objects, background, rng, kinds)
         yield first_id + offset, image, objects, caption, spans
 
 
@@ -272,7 +289,7 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPat
 
     # gold: detection + grounding annotations of the same images
     images, anns, g_images, g_anns = [], [], [], []
-    for image_id, image, objects, caption, spans in _split(rngs[0], spec.gold, spec.image_side, 1):
+    for image_id, image, objects, caption, spans in _split(rngs[0], spec.gold, spec, 1, BASE_KINDS):
         name = f"{image_id:06d}.jpg"
         (paths.gold_images / name).write_bytes(_jpeg(image))
         info = {"id": image_id, "file_name": name, "width": image.width, "height": image.height}
@@ -283,13 +300,13 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPat
             for member in members:
                 [ann] = _coco_boxes([objects[member]], image_id, len(g_anns) + 1)
                 g_anns.append({**ann, "tokens_positive": [[start, end]], "phrase": caption[start:end]})
-    _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories()})
-    _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories()})
+    _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories(BASE_KINDS)})
+    _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories(BASE_KINDS)})
 
     # web: shards with captions only; the gold kept aside
     images, anns = [], []
     per_shard = math.ceil(spec.web / spec.web_shards)
-    samples = list(_split(rngs[1], spec.web, spec.image_side, 1))
+    samples = list(_split(rngs[1], spec.web, spec, 1))
     for shard in range(spec.web_shards):
         with tarfile.open(paths.web_shards / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for image_id, image, objects, caption, _ in samples[shard * per_shard : (shard + 1) * per_shard]:
@@ -305,7 +322,7 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPat
 
     # test: held out
     images, anns = [], []
-    for image_id, image, objects, _, _ in _split(rngs[2], spec.test, spec.image_side, 1):
+    for image_id, image, objects, _, _ in _split(rngs[2], spec.test, spec, 1):
         name = f"{image_id:06d}.jpg"
         (paths.test_images / name).write_bytes(_jpeg(image))
         images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})

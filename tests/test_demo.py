@@ -24,6 +24,9 @@ def demo(tmp_path_factory):
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
     assert "teacher AP" in result.output and "student AP" in result.output
+    # The demo's last line gives both gaps (Ray's worker logs may still interleave after it).
+    [last] = [line for line in result.output.splitlines() if line.startswith("demo: student - control")]
+    assert "student - teacher" in last
     return out
 
 
@@ -44,23 +47,39 @@ def test_report_numbers_are_sane_and_reproducible(demo):
         report["training"]["student"]["checkpoint"], min_size=schedule.test_min_size, max_size=schedule.max_size
     )
     again = evaluate_model(predictor, demo / "world/test/instances.json", demo / "world/test/images", batch_size=4)
-    assert again.ap["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
-    assert report["student_minus_teacher_AP"] == pytest.approx(
-        round(100 * (report["models"]["student"]["AP"] - report["models"]["teacher"]["AP"]), 2)
-    )
+    student = report["models"]["student"]
+    assert again.ap["AP"] == pytest.approx(student["AP"], abs=1e-9)
+    # Base and tail AP are the means of the per-kind APs pycocotools gives.
+    from pipeline.world import BASE_KINDS, TAIL_KINDS
+
+    assert student["AP_base"] == pytest.approx(again.group_ap(BASE_KINDS)) and student["AP_tail"] == pytest.approx(again.group_ap(TAIL_KINDS))
+    per_kind = [v for v in again.category_ap.values() if v >= 0]
+    assert again.ap["AP"] == pytest.approx(sum(per_kind) / len(per_kind), abs=1e-9)
+    models = report["models"]
+    assert report["gaps"]["student_minus_teacher"] == pytest.approx(round(100 * (models["student"]["AP"] - models["teacher"]["AP"]), 2))
+    assert report["gaps"]["student_minus_control"] == pytest.approx(round(100 * (models["student"]["AP"] - models["control"]["AP"]), 2))
+    # The control got the student's augmentation and steps, and no pseudo source.
+    student_config = json.loads((demo / "student/train_config.json").read_text())
+    control_config = json.loads((demo / "control/train_config.json").read_text())
+    assert {s["kind"] for s in control_config["sources"]} == {"coco", "grounding"}
+    same = ("steps", "init", "seed", "crop_probability", "cutout_probability", "scale_jitter", "min_sizes", "lr")
+    assert all(student_config[k] == control_config[k] for k in same)
     # Pseudo-label quality per preset, against the web split's hidden gold.
     web_gold = load_gold(demo / "world/web/web_gold.json")
     for name, entry in report["pseudo_labels"].items():
         quality = score_boxes(web_gold, pseudo_predictions(web_gold, [str(demo / "filtered" / name / "pseudo")]), class_agnostic=True)
         assert entry["precision50"] == round(quality.precision50, 4) and entry["recall50"] == round(quality.recall50, 4)
         assert 0 <= entry["images"] <= len(web_gold.getImgIds())
+        curve = report["pseudo_label_curves"][name]
+        assert [p["boxes"] for p in curve] == sorted((p["boxes"] for p in curve), reverse=True)  # higher threshold, fewer boxes
     assert report["throughput"]["pseudo_label_images_per_s"] > 0 and report["throughput"]["parse_captions_per_s"] > 0
 
 
 def test_report_html_and_gallery(demo):
     page = (demo / "report.html").read_text()
     report = json.loads((demo / "report.json").read_text())
-    assert f"{report['student_minus_teacher_AP']:+.1f} AP" in page
+    assert f"{report['gaps']['student_minus_control']:+.1f} AP" in page and f"{report['gaps']['student_minus_teacher']:+.1f} AP" in page
+    assert page.count("data:image/png;base64,") == 2  # the AP bar chart and the precision-recall plot
     assert all(name in page for name in ("teacher", "student", "control", "glip", "grit", "owlst"))
     assert (demo / "gallery" / "index.html").exists()
     assert len(list((demo / "gallery").glob("*.png"))) == min(8, report["pseudo_labels"]["glip"]["images"])

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline.shards import iter_webdataset_samples
-from pipeline.world import COLOURS, KINDS, SIZES, write_world
+from pipeline.world import BASE_KINDS, COLOURS, KINDS, SIZES, TAIL_KINDS, write_world
 
 
 def _digest(root: Path) -> str:
@@ -31,9 +31,10 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
 def test_splits_load_and_boxes_are_tight_and_inside(tmp_path):
     paths = write_world(tmp_path / "w", "small", 0)
     spec = SIZES["small"]
-    for annotations, folder, count in ((paths.gold_coco, paths.gold_images, spec.gold), (paths.test_coco, paths.test_images, spec.test)):
+    splits = ((paths.gold_coco, paths.gold_images, spec.gold, BASE_KINDS), (paths.test_coco, paths.test_images, spec.test, KINDS))
+    for annotations, folder, count, kinds in splits:
         coco = COCO(str(annotations))
-        assert len(coco.getImgIds()) == count and [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(KINDS)
+        assert len(coco.getImgIds()) == count and [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(kinds)
         for info in coco.loadImgs(coco.getImgIds()):
             pixels = np.asarray(Image.open(folder / info["file_name"]).convert("RGB")).astype(int)
             assert pixels.shape[:2] == (info["height"], info["width"])
@@ -64,3 +65,20 @@ def test_grounding_spans_name_their_objects(tmp_path):
         kind = KINDS[ann["category_id"] - 1]
         assert kind in phrase  # "two blue rings" names rings, "a small red star" a star
         assert any(colour in phrase for colour in COLOURS)
+
+
+def test_gold_is_narrow_and_web_and_test_are_broad(tmp_path):
+    # The GLIP setting in miniature: gold boxes and captions only know the base kinds; the
+    # web captions and the test split hold every kind, the tail kinds included.
+    paths = write_world(tmp_path / "w", "small", 4)
+    gold = json.loads(paths.gold_coco.read_text())
+    grounding = json.loads(paths.gold_grounding.read_text())
+    assert {KINDS[a["category_id"] - 1] for a in gold["annotations"]} <= set(BASE_KINDS)
+    assert not any(kind in image["caption"] for image in grounding["images"] for kind in TAIL_KINDS)
+    web_gold = json.loads(paths.web_gold.read_text())
+    assert {KINDS[a["category_id"] - 1] for a in web_gold["annotations"]} & set(TAIL_KINDS)
+    captions = [sample["txt"].decode() for shard in sorted(paths.web_shards.glob("*.tar")) for sample in iter_webdataset_samples(str(shard))]
+    assert any(kind in caption for caption in captions for kind in TAIL_KINDS)
+    test = json.loads(paths.test_coco.read_text())
+    assert [c["name"] for c in test["categories"]] == list(KINDS)
+    assert SIZES["default"].web >= 3 * SIZES["default"].gold

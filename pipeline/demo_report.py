@@ -1,0 +1,151 @@
+"""The demo's `report.html`: the three arms first (AP by arm on the whole test split and on its
+base and tail kinds, as a bar chart), then the pseudo-labels' precision-recall curves per
+preset against the web split's hidden gold, then the tables, throughput and the gallery.
+Charts are matplotlib PNGs embedded as data URIs, so the page is one self-contained file
+(plus the gallery folder beside it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Sequence
+
+import numpy as np
+
+ARMS = ("teacher", "student", "control")
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+PR_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+def pr_curve(gold, predictions: Sequence[dict], thresholds: Sequence[float] = PR_THRESHOLDS) -> list[dict]:
+    """Class-agnostic precision and recall at IoU 0.5 of `predictions` kept above each score
+    threshold (what a filter at that threshold would give), against pycocotools `gold`."""
+    from pipeline.evaluate import precision_recall_at
+
+    points = []
+    for threshold in thresholds:
+        kept = [{**p, "category_id": 1} for p in predictions if p["score"] >= threshold]
+        agnostic = _class_agnostic(gold)
+        precision, recall = precision_recall_at(agnostic, kept, class_agnostic=True)
+        points.append({"threshold": float(threshold), "precision": round(precision, 4), "recall": round(recall, 4), "boxes": len(kept)})
+    return points
+
+
+def _class_agnostic(gold):
+    from pipeline.evaluate import _class_agnostic as agnostic
+
+    return agnostic(gold)
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ap_chart(models: dict[str, dict]) -> str:
+    """Grouped bars: AP of each arm on the whole test split, its base and its tail kinds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = (("whole", "AP"), ("base kinds", "AP_base"), ("tail kinds", "AP_tail"))
+    arms = [a for a in ARMS if a in models]
+    figure, axes = plt.subplots(figsize=(6.4, 3.4))
+    width = 0.8 / len(arms)
+    for index, arm in enumerate(arms):
+        values = [100 * max(models[arm].get(key, 0.0), 0.0) for _, key in groups]
+        bars = axes.bar(np.arange(len(groups)) + (index - (len(arms) - 1) / 2) * width, values, width, label=arm)
+        axes.bar_label(bars, fmt="%.1f", fontsize=8)
+    axes.set_xticks(np.arange(len(groups)), [name for name, _ in groups])
+    axes.set_ylabel("AP (test split)")
+    axes.legend(frameon=False)
+    axes.spines[["top", "right"]].set_visible(False)
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
+
+
+def pr_chart(curves: dict[str, list[dict]], chosen: dict[str, dict]) -> str:
+    """Precision against recall of each preset's teacher boxes over score thresholds; a marker
+    for what each preset actually kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.2, 3.8))
+    for name, points in curves.items():
+        line = axes.plot([p["recall"] for p in points], [p["precision"] for p in points], marker=".", label=f"{name} (score sweep)")
+        if name in chosen:
+            axes.scatter([chosen[name]["recall50"]], [chosen[name]["precision50"]], s=80, marker="*", color=line[0].get_color(),
+                         zorder=3, label=f"{name} as filtered")
+    axes.set_xlabel("recall (IoU 0.5)")
+    axes.set_ylabel("precision")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.legend(frameon=False, fontsize=8)
+    axes.spines[["top", "right"]].set_visible(False)
+    try:
+        return _png(figure)
+    finally:
+        plt.close(figure)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value < 0 else f"{100 * value:.1f}"
+
+
+def _rows(items) -> str:
+    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
+
+
+def render_html(report: dict) -> str:
+    models = report["models"]
+    keys = (*AP_KEYS, "AP_base", "AP_tail")
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{_pct(m.get(k, -1.0))}</td>" for k in keys) + "</tr>"
+        for name, m in models.items()
+    )
+    presets = "".join(
+        f"<tr><th>{html.escape(name)}{' (student)' if name == report['preset'] else ''}</th><td>{p['images']}</td><td>{p['boxes']}</td>"
+        f"<td>{_pct(p['precision50'])}</td><td>{_pct(p['recall50'])}</td><td>{_pct(p['AP50'])}</td></tr>"
+        for name, p in report["pseudo_labels"].items()
+    )
+    world = report["world_description"]
+    gaps = report["gaps"]
+    no_pseudo = ""
+    if not report.get("student_pseudo_images", 1):
+        no_pseudo = (f"<p><b>The {html.escape(report['preset'])} preset kept no pseudo-label</b> (every teacher score is under "
+                     "its threshold): the student trained on gold only, like the control.</p>")
+    mix = report["student_mix"]
+    recipe = html.escape(", ".join(f"{k} {v}" for k, v in report["student_recipe"].items()))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>GLIP data engine demo</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse;margin:8px 0 20px}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left;background:#f4f4f4}}
+.big{{font-size:22px}}.charts img{{margin-right:16px;vertical-align:top}}iframe{{width:100%;height:900px;border:1px solid #ccc}}</style></head><body>
+<h1>GLIP self-training demo</h1>
+<p class="big">Student - control: <b>{gaps['student_minus_control']:+.1f} AP</b>; student - teacher: <b>{gaps['student_minus_teacher']:+.1f} AP</b>
+(tail kinds: student - control {gaps['tail_student_minus_control']:+.1f} AP).</p>
+<p>World <b>{html.escape(report['size'])}</b>, seed {report['seed']}, student preset <b>{html.escape(report['preset'])}</b>,
+total {report['total_seconds']} s. Every number below comes from pycocotools on this run's outputs.</p>
+<div class="charts"><img alt="AP by arm" src="{report['charts']['ap']}"><img alt="pseudo-label precision-recall" src="{report['charts']['pr']}"></div>
+<h2>The three arms (test split: zero-shot detection, every kind's name in the prompt)</h2>
+<table><tr><th>model</th>{''.join(f'<th>{k}</th>' for k in keys)}</tr>{rows}</table>
+<p><b>teacher</b>: trained on the gold split only; <b>student</b>: the teacher's weights + {report['schedule']['student_steps']} steps on
+gold + the teacher's pseudo-labels of the web split; <b>control</b>: the teacher's weights + the same steps, the same
+augmentation and the same gold, without the pseudo-labels. Student recipe: {recipe}. Student samples:
+{mix['pseudo_fraction'] * 100:.0f}% pseudo-labelled web images, {(1 - mix['pseudo_fraction']) * 100:.0f}% gold
+(mixing weights {html.escape(str(mix['weights']))}).</p>{no_pseudo}
+<h2>What the world's gold lacks</h2><p>{html.escape(world)}</p>
+<h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
+<table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>
+<h2>Throughput</h2><table>{_rows(report['throughput'].items())}</table>
+<h2>Stage times (s)</h2><table>{_rows(report['stage_seconds'].items())}</table>
+<h2>Pseudo-labelled images</h2><p><a href="gallery/index.html">gallery/index.html</a></p>
+<iframe src="gallery/index.html"></iframe>
+</body></html>"""
