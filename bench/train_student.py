@@ -13,6 +13,7 @@ and prints the ratio data/step: above 1 means the data path is not the bottlenec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import time
@@ -39,8 +40,11 @@ def make_loader(args, tokenizer) -> TrainLoader:
     return TrainLoader(stream=stream, batch_size=args.batch_size, settings=settings, num_threads=args.loader_threads)
 
 
-def train_step(model, optimizer, scheduler, loss_fn, batch) -> float:
-    out = model(batch.images, batch.input_ids, batch.attention_mask)
+def train_step(model, optimizer, scheduler, loss_fn, batch, *, autocast=None) -> float:
+    """One optimizer step as `pipeline train-student` makes it (forward under `autocast`, the
+    losses in fp32, clipping at norm 1.0); `batch` already on the model's device."""
+    with autocast or contextlib.nullcontext():
+        out = model(batch.images, batch.input_ids, batch.attention_mask)
     losses = loss_fn(
         box_regression=out.box_regression, centerness=out.centerness, dot_product_logits=out.dot_product_logits,
         anchors=out.anchors, targets=batch.targets, text_mask=batch.attention_mask,

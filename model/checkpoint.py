@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,10 +83,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
-            f"(truncated, corrupt, or it holds objects other than tensors and plain data): {exc}"
-        ) from exc
+        raise CheckpointError(f"{path}: not a valid or safe checkpoint ({_load_failure(exc)})") from None
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
     metadata = raw.get(METADATA_KEY) or {}
@@ -97,6 +95,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found under {'model' if 'model' in raw else 'the top level'}")
     return strip_module_prefix(tensors), dict(metadata), ("glip_engine" if metadata else "official")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """One line on why `torch.load(weights_only=True)` refused a file.
+
+    PyTorch's own message spans several lines and advises `weights_only=False` or allow-listing
+    the offending global: for an untrusted file that advice runs the attacker's code, so it is
+    never passed on.
+    """
+    text = str(exc)
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if code:
+        return f"it holds a reference to code, {code.group(1)}, which is never run"
+    if "Weights only load failed" in text:
+        operand = re.search(r"Unsupported operand (\S+)", text)
+        detail = f": unsupported pickle operand {operand.group(1)}" if operand else ""
+        return f"not a PyTorch file of tensors and plain data{detail}"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"truncated or corrupt: {first_line[:200]}"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:

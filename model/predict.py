@@ -33,6 +33,10 @@ from model.preprocess import batch_images, image_to_tensor
 from model.text import label_to_tokens, load_tokenizer, positive_map_from_spans, split_prompt, tokenize
 
 Span = tuple[int, int]
+# Boxes narrower or lower than this many ORIGINAL pixels are dropped after rescaling. The official
+# post-processing keeps any box of "+1" size >= 0, so a very thin image (8 x 4000 px, resized to
+# 3 x 1333) yields boxes of zero width; none of the official reference runs holds such a box.
+MIN_BOX_SIDE = 1.0
 
 
 @dataclass
@@ -41,23 +45,33 @@ class Detections:
 
     boxes: [K, 4] float32 xyxy in the ORIGINAL image's pixels; scores: [K] in [0, 1]
     (sqrt(phrase prob * centerness), the official score); phrase_ids: [K] int64, index into the
-    phrase list given for this image.
+    phrase list given for this image. `degenerate`: boxes the predictor dropped because they
+    were under `MIN_BOX_SIDE` pixels wide or high in the original image.
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     phrase_ids: torch.Tensor
+    degenerate: int = 0
 
     def __len__(self) -> int:
         return int(self.scores.numel())
 
+    def _select(self, index: torch.Tensor) -> "Detections":
+        return Detections(self.boxes[index], self.scores[index], self.phrase_ids[index], self.degenerate)
+
     def above(self, threshold: float) -> "Detections":
-        keep = self.scores > threshold
-        return Detections(self.boxes[keep], self.scores[keep], self.phrase_ids[keep])
+        return self._select(self.scores > threshold)
 
     def sorted(self) -> "Detections":
-        order = torch.argsort(self.scores, descending=True, stable=True)
-        return Detections(self.boxes[order], self.scores[order], self.phrase_ids[order])
+        return self._select(torch.argsort(self.scores, descending=True, stable=True))
+
+    def without_degenerate(self, min_side: float) -> "Detections":
+        """The boxes at least `min_side` pixels wide and high; the others counted in `degenerate`."""
+        keep = ((self.boxes[:, 2] - self.boxes[:, 0]) >= min_side) & ((self.boxes[:, 3] - self.boxes[:, 1]) >= min_side)
+        kept = self._select(keep)
+        kept.degenerate += int((~keep).sum())
+        return kept
 
 
 @dataclass(frozen=True)
@@ -221,7 +235,8 @@ class GLIPPredictor:
             boxes = rescale_boxes(result["boxes"].float().cpu(), net_size, (height, width))
             phrase_index = torch.as_tensor(prompt.phrase_ids, dtype=torch.int64)
             labels = result["labels"].cpu() - 1  # official labels are entity index + 1
-            detections.append(Detections(boxes, result["scores"].float().cpu(), phrase_index[labels]))
+            found = Detections(boxes, result["scores"].float().cpu(), phrase_index[labels])
+            detections.append(found.without_degenerate(MIN_BOX_SIDE))
         return detections
 
 
@@ -249,7 +264,8 @@ def _merge(parts: list[Detections], limit: int) -> Detections:
         torch.cat([p.boxes for p in parts]),
         torch.cat([p.scores for p in parts]),
         torch.cat([p.phrase_ids for p in parts]),
+        sum(p.degenerate for p in parts),
     ).sorted()
     if len(parts) > 1 and len(merged) > limit:
-        merged = Detections(merged.boxes[:limit], merged.scores[:limit], merged.phrase_ids[:limit])
+        merged = merged._select(torch.arange(limit))
     return merged

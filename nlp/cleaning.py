@@ -5,8 +5,8 @@ bytes, None, a number from a badly typed Parquet column) and returns a `CleanCap
 
 * `source`: the caption as a Python string (bytes decoded), exactly as given; None when
   the value was not text at all.
-* `text`: what the parser sees: HTML entities decoded, HTML tags, control and zero-width
-  characters and web boilerplate (`nlp.vocabulary.WEB_JUNK_RULES`) removed, whitespace
+* `text`: what the parser sees: HTML entities decoded, HTML tags, terminal escape sequences
+  (ANSI/CSI colours, OSC titles), control and zero-width characters and web boilerplate (`nlp.vocabulary.WEB_JUNK_RULES`) removed, whitespace
   collapsed, cut to `max_chars`. Empty when `error` is set.
 * `error`: None, or one of `MISSING`, `NOT_TEXT`, `INVALID_UTF8`, `EMPTY`.
 * `source_span(start, end)`: maps a `[start, end)` span of `text` back to a span of
@@ -51,6 +51,16 @@ _TAG = re.compile(r"<[A-Za-z/!][^<>]{0,1000}>")
 # C0/C1 controls other than tab/newline/CR become a space (they often separate words);
 # format characters (zero-width space/joiners, bidi marks, soft hyphen, BOM) vanish.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Terminal escape sequences (ECMA-48) go whole, before the controls, so that "\x1b[31m" leaves no
+# "[31m": CSI (ESC [ or U+009B, parameters, intermediates, a final byte), OSC/DCS/APC/PM
+# strings ended by BEL or ESC \ (unended: only their introducer goes), and two-character
+# escapes (ESC and one byte).
+_ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x9d\x98\x9e\x9f])[^\x07\x1b\x9c]{0,1000}(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[ -~]"
+)
+_C1_INTRODUCERS = re.compile(r"[\x90\x98\x9b\x9d-\x9f]")
 _INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 # Only runs that change: two or more whitespace characters, or one that is not a plain space.
 _WHITESPACE_RUN = re.compile(r"\s{2,}|[^\S ]")
@@ -123,6 +133,8 @@ def clean_caption(value: object, settings: CleaningSettings | None = None) -> Cl
     if settings.strip_html_tags and "<" in tracked.text:
         tracked.substitute(_TAG, lambda match: " ")
     if settings.strip_control_chars:
+        if "\x1b" in tracked.text or _C1_INTRODUCERS.search(tracked.text):
+            tracked.substitute(_ESCAPE_SEQUENCE, lambda match: " ")
         tracked.substitute(_CONTROL, lambda match: " ")
         tracked.substitute(_INVISIBLE, lambda match: "")
     if settings.collapse_whitespace:

@@ -87,6 +87,7 @@ def run_filter(config: FilterConfig, *, progress_stream: TextIO | None = None) -
         raise FileNotFoundError(f"no WebDataset .tar shards in {list(config.inputs)}")
     if not storage.is_dir(config.detections):
         raise FileNotFoundError(f"--detections {config.detections}: folder not found")
+    storage.ensure_writable_folder(config.out)
     run = StageRun(
         stage=STAGE, out=config.out, suffix=".tar", marker_dir=storage.join(config.out, PSEUDO),
         overwrite=config.overwrite, workers=config.workers, address=config.address, num_cpus=1.0,

@@ -169,6 +169,7 @@ def export_command(
     if format not in ("coco", "odvg") or category not in ("head", "phrase"):
         raise typer.BadParameter("--format must be coco or odvg, --category head or phrase")
     try:
+        storage.ensure_writable_folder(str(out.absolute().parent))
         buffer = io.StringIO()
         if format == "coco":
             data = to_coco(location, category=category)
@@ -179,7 +180,7 @@ def export_command(
             for line in to_odvg(location):
                 buffer.write(json.dumps(line) + "\n")
                 count += 1
-    except FileNotFoundError as error:
+    except (FileNotFoundError, storage.UnwritableOutput) as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(code=2) from None
     storage.write_atomic(str(out), buffer.getvalue().encode("utf-8"))

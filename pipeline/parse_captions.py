@@ -20,11 +20,19 @@ from typing import Optional, TextIO
 
 import typer
 
-from nlp.phrases import MODES, ExtractorSettings, PhraseExtractor
+from nlp.phrases import MODES, CaptionPhrases, ExtractorSettings, PhraseExtractor
 from nlp.pipeline_loader import SpacyPipelineNotFound, find_pipeline, load_english_pipeline, pipeline_identity
+from pipeline import storage
 from pipeline.phrases_file import SUFFIX, count_rows, phrases_table, read_phrases_metadata, write_phrases_file
 from pipeline.shard_report import ShardReport, ShardTask
-from pipeline.shards import CaptionColumns, ShardSource, discover_shards, read_caption_records
+from pipeline.shards import (
+    CaptionColumns,
+    MemberTally,
+    ShardSource,
+    discover_shards,
+    read_caption_records,
+    unsafe_key_reason,
+)
 from pipeline.stage import StageRun, run_stage
 from pipeline.stage_stats import print_summary
 
@@ -60,11 +68,19 @@ class CaptionShardWorker:
     def __call__(self, task: ShardTask) -> ShardReport:
         started = time.perf_counter()
         shard = ShardSource(uri=task.input_uri, shard_id=task.shard_id, kind=task.kind)
-        records = read_caption_records(shard, columns=self.columns)
+        tally = MemberTally()
+        records = read_caption_records(shard, columns=self.columns, tally=tally)
+        bad_keys = {record.key: reason for record in records if (reason := unsafe_key_reason(record.key))}
         parsed_before = self.extractor.parsed_texts
-        results = self.extractor.extract_batch([record.caption for record in records])
+        results = self.extractor.extract_batch([None if r.key in bad_keys else r.caption for r in records])
+        results = [
+            CaptionPhrases(caption=None, phrases=(), error=bad_keys[r.key]) if r.key in bad_keys else result
+            for r, result in zip(records, results)
+        ]
         report = ShardReport(shard_id=task.shard_id, input_uri=task.input_uri, output_uri=task.output_uri)
         report.samples = report.written = len(records)
+        if shard.kind == "webdataset":
+            report.count_members(tally.members, tally.ignored)
         report.count("unique_captions", self.extractor.parsed_texts - parsed_before)
         for name in ("parsed", "phrases", "truncated"):
             report.count(name, 0)
@@ -78,7 +94,7 @@ class CaptionShardWorker:
             if not result.phrases:
                 report.skip(NO_PHRASES, record.key)
         report.seconds = round(time.perf_counter() - started, 4)
-        metadata = {**self.metadata, "source_shard": task.input_uri, "shard_report": report.to_json()}
+        metadata = {**self.metadata, "source_shard": task.input_uri, "shard_report": report.to_file_json()}
         table = phrases_table([record.key for record in records], results, metadata)
         write_phrases_file(task.output_uri, table)
         report.seconds = round(time.perf_counter() - started, 4)
@@ -89,7 +105,7 @@ def read_done_report(task: ShardTask) -> ShardReport:
     """The report stored in a finished shard's metadata (row count only if it has none)."""
     metadata = read_phrases_metadata(task.output_uri)
     if "shard_report" in metadata:
-        return ShardReport.from_json(metadata["shard_report"])
+        return ShardReport.from_file_json(metadata["shard_report"], task)
     rows = count_rows(task.output_uri)
     return ShardReport(
         shard_id=task.shard_id, input_uri=task.input_uri, output_uri=task.output_uri, samples=rows, written=rows
@@ -97,8 +113,13 @@ def read_done_report(task: ShardTask) -> ShardReport:
 
 
 def run_parse_captions(config: ParseCaptionsConfig, *, progress_stream: TextIO | None = None) -> dict[str, object]:
-    """Run the stage; returns the `_stats.json` dict. Raises FileNotFoundError for missing inputs."""
+    """Run the stage; returns the `_stats.json` dict.
+
+    Raises FileNotFoundError for missing inputs, `storage.UnwritableOutput` (a ValueError) for
+    an `--out` that cannot be written, before any caption is read or spaCy is loaded.
+    """
     shards = discover_shards(config.inputs)
+    storage.ensure_writable_folder(config.out)
     pipeline_name = find_pipeline(config.pipeline_name)
     identity = pipeline_identity(load_english_pipeline(pipeline_name))
     run = StageRun(

@@ -44,7 +44,7 @@ from pipeline.labels_io import (
     write_pseudo_tar,
 )
 from pipeline.shard_report import ShardReport, ShardTask
-from pipeline.shards import discover_shards
+from pipeline.shards import MemberTally, discover_shards
 from pipeline.stage import StageRun, run_stage
 from pipeline.stage_stats import print_summary as print_stage_summary
 
@@ -101,6 +101,7 @@ class _Item:
     row: DetectionRow
     image_bytes: bytes | None = None
     image: object | None = None  # PIL RGB when decoded
+    degenerate_boxes: int = 0  # boxes under 1 px wide or high, dropped by the predictor
 
 
 class PseudoLabelWorker:
@@ -134,26 +135,32 @@ class PseudoLabelWorker:
         phrases = _read_phrases(storage.join(self.config.phrases, f"{task.shard_id}.parquet"))
         rows: list[DetectionRow] = []
         image_bytes: dict[str, bytes] = {}
-        for items in self._grounded_windows(task, phrases):
+        tally = MemberTally()
+        report.count("degenerate_boxes", 0)
+        for items in self._grounded_windows(task, phrases, tally):
             for item in items:
                 rows.append(item.row)
+                report.count("degenerate_boxes", item.degenerate_boxes)
                 if item.image_bytes is not None:
                     image_bytes[item.row.key] = item.image_bytes
+        report.count_members(tally.members, tally.ignored)
         kept_samples = select_samples(rows, image_bytes, policy=self.config.policy, teacher=self.teacher, report=report)
         report.written = len(kept_samples)
         report.seconds = round(time.perf_counter() - started, 4)
         detections_uri = storage.join(self.config.out, DETECTIONS, f"{task.shard_id}.parquet")
-        metadata = {**self.metadata, "source_shard": task.input_uri, "shard_report": report.to_json()}
+        metadata = {**self.metadata, "source_shard": task.input_uri, "shard_report": report.to_file_json()}
         write_detections(detections_uri, rows, metadata)
         write_pseudo_tar(task.output_uri, kept_samples)  # last: marks the shard done
         return report
 
-    def _grounded_windows(self, task: ShardTask, phrases: dict[str, dict]) -> Iterator[list[_Item]]:
+    def _grounded_windows(
+        self, task: ShardTask, phrases: dict[str, dict], tally: MemberTally
+    ) -> Iterator[list[_Item]]:
         """Windows of samples in input order, the decodable ones grounded (aspect-ratio batches)."""
         batch = self.config.batch_size
         window = 4 * batch
         pending: list[_Item] = []
-        for item in _prefetch(_decoded_items(task.input_uri, phrases), depth=2 * window):
+        for item in _prefetch(_decoded_items(task.input_uri, phrases, tally), depth=2 * window):
             pending.append(item)
             if len(pending) >= window:
                 self._ground(pending)
@@ -179,6 +186,7 @@ class PseudoLabelWorker:
                         above.boxes.tolist(), above.scores.tolist(), above.phrase_ids.tolist()
                     )
                 ]
+                item.degenerate_boxes = detections.degenerate
                 item.image = None  # release the decoded pixels
 
 
@@ -191,11 +199,11 @@ def _read_phrases(uri: str) -> dict[str, dict]:
     return {row["key"]: row for row in read_phrases_file(uri).to_pylist()}
 
 
-def _decoded_items(uri: str, phrases: dict[str, dict]) -> Iterator[_Item]:
+def _decoded_items(uri: str, phrases: dict[str, dict], tally: MemberTally) -> Iterator[_Item]:
     """Samples of a shard joined with their phrases, decoded; errors recorded on the row."""
     from pipeline.shards import iter_webdataset_samples
 
-    for index, sample in enumerate(iter_webdataset_samples(uri)):
+    for index, sample in enumerate(iter_webdataset_samples(uri, tally=tally)):
         key = str(sample["__key__"])
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), "")
         entry = phrases.get(key)
@@ -265,14 +273,16 @@ def _prefetch(items: Iterator[_Item], *, depth: int) -> Iterator[_Item]:
 def read_done_report(task: ShardTask, *, out: str) -> ShardReport:
     uri = storage.join(out, DETECTIONS, f"{task.shard_id}.parquet")
     metadata = read_detections_metadata(uri)
-    return ShardReport.from_json(metadata["shard_report"])
+    return ShardReport.from_file_json(metadata["shard_report"], task)
 
 
 def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | None = None) -> dict[str, object]:
-    """Run the stage; returns the `_stats.json` dict."""
+    """Run the stage; returns the `_stats.json` dict. An unwritable `--out` raises before the
+    teacher is read (`storage.UnwritableOutput`)."""
     shards = [s for s in discover_shards(config.inputs) if s.kind == "webdataset"]
     if not shards:
         raise FileNotFoundError(f"no WebDataset .tar shards in {list(config.inputs)}")
+    storage.ensure_writable_folder(config.out)
     if not storage.is_dir(config.phrases):
         raise FileNotFoundError(f"--phrases {config.phrases}: folder not found (the parse-captions output)")
     teacher = teacher_identity(config.teacher)

@@ -35,8 +35,10 @@ class ShardReport:
 
     `samples`: samples read from the input; `written`: rows/samples in the output;
     `counters`: stage-specific totals (parse-captions: `parsed`, `phrases`,
-    `unique_captions`, `truncated`); `skipped`: reason -> count of samples that produced
-    nothing usable; `examples`: reason -> up to `MAX_EXAMPLE_KEYS` of their keys;
+    `unique_captions`, `truncated`, `tar_members`); `skipped`: reason -> count of samples that
+    produced nothing usable; `examples`: reason -> up to `MAX_EXAMPLE_KEYS` of their keys;
+    `members_ignored`: kind -> count of tar members that are no sample part (symlinks,
+    directories, `__*__` metadata, names without an extension);
     `seconds`: worker time on the shard; `error`: shard-level failure (then no output exists).
     """
 
@@ -48,6 +50,7 @@ class ShardReport:
     counters: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    members_ignored: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
 
@@ -61,8 +64,27 @@ class ShardReport:
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
 
+    def count_members(self, members: int, ignored: dict[str, int]) -> None:
+        """Add a tar's member count (`tar_members`) and its ignored members by kind."""
+        self.count("tar_members", members)
+        for kind, amount in ignored.items():
+            self.members_ignored[kind] = self.members_ignored.get(kind, 0) + amount
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def to_file_json(self) -> str:
+        """`to_json` for the copy stored inside an output file: without the worker's timing and
+        the output's own location, so two identical runs write byte-identical files, into the
+        same folder or another (timing stays in `_stats.json`)."""
+        return json.dumps({**asdict(self), "seconds": 0.0, "output_uri": None}, sort_keys=True)
+
+    @classmethod
+    def from_file_json(cls, text: str, task: ShardTask) -> ShardReport:
+        """A report stored by `to_file_json`, put back at `task`'s output."""
+        report = cls.from_json(text)
+        report.output_uri = task.output_uri
+        return report
 
     @classmethod
     def from_json(cls, text: str) -> ShardReport:

@@ -4,9 +4,11 @@ Two input kinds, as img2dataset writes them:
 
 * WebDataset tar (`.tar`, `.tar.gz`, `.tgz`): members `{key}.{ext}` grouped by key the
   webdataset way (the key is the member path up to the first "." of its base name;
-  consecutive members with the same key form one sample; `__*__` metadata members and
-  non-files are skipped), read with the standard library's `tarfile` in streaming mode
-  (only the wanted members are loaded into memory). The caption is `{key}.txt`; when a sample has no `.txt`, the
+  consecutive members with the same key form one sample), read with the standard library's
+  `tarfile` in streaming mode (only the wanted members are loaded into memory). Every other
+  member is ignored and counted by kind in a `MemberTally` (`symlink`, `hardlink`,
+  `directory`, `device`, `fifo`, `metadata` for `__*__` members, `no_extension`): links are
+  never followed, and members + ignored add up to the tar's member count. The caption is `{key}.txt`; when a sample has no `.txt`, the
   `"caption"` field of `{key}.json` is used (img2dataset writes it there too).
 * Parquet with a key column and a caption column (defaults `key`, `caption`; the web
   alt-text file of ../shared/data uses `TEXT` and has no key). With no key column (or a null
@@ -22,10 +24,11 @@ from __future__ import annotations
 import gzip
 import json
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import storage
 
@@ -57,6 +60,17 @@ class CaptionColumns:
 
     caption: str = "caption"
     key: str | None = None
+
+
+@dataclass(kw_only=True)
+class MemberTally:
+    """What a tar held: `members` in all, and the ones that are no sample part, by kind."""
+
+    members: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    def ignore(self, kind: str) -> None:
+        self.ignored[kind] = self.ignored.get(kind, 0) + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,13 +108,18 @@ def discover_shards(inputs: Sequence[str]) -> list[ShardSource]:
     return shards
 
 
-def read_caption_records(shard: ShardSource, *, columns: CaptionColumns | None = None) -> list[CaptionRecord]:
-    """All (key, raw caption) records of a shard, in shard order. Raises ShardReadError."""
+def read_caption_records(
+    shard: ShardSource, *, columns: CaptionColumns | None = None, tally: MemberTally | None = None
+) -> list[CaptionRecord]:
+    """All (key, raw caption) records of a shard, in shard order. Raises ShardReadError.
+
+    `tally` (tars only) receives the member count and the ignored members by kind.
+    """
     columns = columns or CaptionColumns()
     if shard.kind == "parquet":
         return _parquet_captions(shard, columns)
     records = []
-    for sample in iter_webdataset_samples(shard.uri, extensions=("txt", "json")):
+    for sample in iter_webdataset_samples(shard.uri, extensions=("txt", "json"), tally=tally):
         caption: object = sample.get("txt")
         if caption is None and "json" in sample:
             caption = _json_caption(sample["json"])
@@ -108,14 +127,17 @@ def read_caption_records(shard: ShardSource, *, columns: CaptionColumns | None =
     return records
 
 
-def iter_webdataset_samples(uri: str, *, extensions: Sequence[str] | None = None) -> Iterator[dict[str, object]]:
+def iter_webdataset_samples(
+    uri: str, *, extensions: Sequence[str] | None = None, tally: MemberTally | None = None
+) -> Iterator[dict[str, object]]:
     """Samples of a WebDataset tar as dicts: `"__key__"` plus one bytes value per extension.
 
     `extensions` limits which members are read into memory (e.g. ("txt", "json") to skip
-    images); every sample is still yielded, with at least its key. Raises ShardReadError on a
-    corrupt or truncated archive.
+    images); every sample is still yielded, with at least its key. `tally` counts every member
+    and the ignored ones by kind. Raises ShardReadError on a corrupt or truncated archive.
     """
     wanted = None if extensions is None else set(extensions)
+    tally = tally if tally is not None else MemberTally()
 
     def want(name: str) -> bool:
         return wanted is None or _split_member_name(name)[1] in wanted
@@ -123,9 +145,10 @@ def iter_webdataset_samples(uri: str, *, extensions: Sequence[str] | None = None
     try:
         with storage.open_read(uri) as handle:
             current: dict[str, object] | None = None
-            for name, data in _iter_tar_files(handle, want=want):
+            for name, data in _iter_tar_files(handle, want=want, tally=tally):
                 prefix, extension = _split_member_name(name)
                 if prefix is None or _is_meta_member(name):
+                    tally.ignore("no_extension" if prefix is None else "metadata")
                     continue
                 if current is None or current["__key__"] != prefix:
                     if current is not None:
@@ -139,20 +162,23 @@ def iter_webdataset_samples(uri: str, *, extensions: Sequence[str] | None = None
         raise ShardReadError(f"{uri}: broken or truncated tar ({type(error).__name__}: {error})") from error
 
 
-def _iter_tar_files(handle, *, want) -> Iterator[tuple[str, bytes | None]]:
+def _iter_tar_files(handle, *, want, tally: MemberTally) -> Iterator[tuple[str, bytes | None]]:
     """(member path, its bytes or None when `want(path)` is False) per regular file, in order.
 
     Streaming mode ("r|*") reads the archive once, front to back, gzip or not; links,
-    directories and devices are skipped. A member cut short raises `tarfile.ReadError`. tarfile
-    reads a plain tar cut inside or just before a header as a shorter archive, so the end-of-
-    archive marker (two zero blocks after the last member) is checked here: without it the
-    shard was truncated (a truncated gzip already fails its own end-of-stream check).
+    directories and devices are skipped (never followed) and counted in `tally`. A member cut
+    short raises `tarfile.ReadError`. tarfile reads a plain tar cut inside or just before a
+    header as a shorter archive, so the end-of-archive marker (two zero blocks after the
+    last member) is checked here: without it the shard was truncated (a truncated gzip
+    already fails its own end-of-stream check).
     """
     gzipped = handle.read(2) == b"\x1f\x8b"
     handle.seek(0)
     with tarfile.open(fileobj=handle, mode="r|*") as archive:
         for member in archive:
+            tally.members += 1
             if not member.isfile():
+                tally.ignore(_member_kind(member))
                 continue
             if not want(member.name):
                 yield member.name, None
@@ -164,6 +190,34 @@ def _iter_tar_files(handle, *, want) -> Iterator[tuple[str, bytes | None]]:
         end_of_members = archive.offset
     if not gzipped and handle.seek(0, 2) - end_of_members < 2 * tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {end_of_members}: the tar was cut short")
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """The kind of a tar member that is not a regular file."""
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.isdir():
+        return "directory"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "fifo"
+    return "other"
+
+
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a sample key is not a safe relative name (absolute, or a ".." step), else None.
+
+    Tar readers that extract members would write such a sample outside their folder; no stage
+    does, but the key flows into outputs and other tools, so the first stage rejects it.
+    """
+    if key.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", key):
+        return f"bad_key: {key!r} is an absolute path"
+    if ".." in key.replace("\\", "/").split("/"):
+        return f"bad_key: {key!r} climbs out of its folder ('..')"
+    return None
 
 
 def _split_member_name(name: str) -> tuple[str | None, str]:

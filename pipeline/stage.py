@@ -109,9 +109,9 @@ def run_stage(
     progress_stream: TextIO | None = None,
 ) -> dict[str, object]:
     """Run every pending shard on Ray, then write `_stats.json`; returns the stats dict."""
-    storage.makedirs(run.out)
+    storage.ensure_writable_folder(run.out)
     markers = run.marker_dir or run.out
-    storage.makedirs(markers)
+    storage.ensure_writable_folder(markers)
     plan = plan_shards(shards, out=markers, suffix=run.suffix, overwrite=run.overwrite)
     stats = StageStats(
         stage=run.stage, inputs=inputs, out=run.out, total_shards=len(shards), settings=settings, versions=versions

@@ -8,6 +8,9 @@
 * `samples`, `written` and every stage counter summed over all finished shards (this run
   and earlier runs, whose reports are read back from their outputs);
 * `skipped`: {reason: {"count": n, "examples": [keys]}};
+* `members_ignored`: {kind: n}, tar members that are no sample part (`symlink`, `hardlink`,
+  `directory`, `device`, `fifo`, `metadata`, `no_extension`): with `tar_members` (all of
+  them) a user can reconcile a tar's contents with the samples;
 * `throughput`: this run only: `seconds` (driver wall time from submitting the first task
   to the last result; Ray start-up excluded), `samples_per_s`, `startup_seconds` (until the
   first shard began: actor spawn and model load), `steady_samples_per_s` (samples over
@@ -66,6 +69,7 @@ class StageStats:
         worker_seconds = 0.0
         counters: dict[str, int] = {}
         skipped: dict[str, dict[str, object]] = {}
+        members_ignored: dict[str, int] = {}
         for shard_id in sorted(self.reports):
             report, earlier_run = self.reports[shard_id]
             if report.error is not None:
@@ -81,6 +85,8 @@ class StageStats:
             written += report.written
             for name, value in report.counters.items():
                 counters[name] = counters.get(name, 0) + value
+            for kind, value in report.members_ignored.items():
+                members_ignored[kind] = members_ignored.get(kind, 0) + value
             for reason, count in report.skipped.items():
                 entry = skipped.setdefault(reason, {"count": 0, "examples": []})
                 entry["count"] = int(entry["count"]) + count  # type: ignore[call-overload]
@@ -104,6 +110,7 @@ class StageStats:
             "written": written,
             **dict(sorted(counters.items())),
             "skipped": dict(sorted(skipped.items())),
+            "members_ignored": dict(sorted(members_ignored.items())),
             "throughput": {
                 "seconds": round(seconds, 3),
                 "samples_per_s": round(samples_now / seconds, 2),

@@ -90,6 +90,31 @@ def makedirs(uri: str) -> None:
     location.fs.makedirs(location.path, exist_ok=True)
 
 
+class UnwritableOutput(ValueError):
+    """An output folder that cannot be created or written (read-only file system, no permission)."""
+
+
+def ensure_writable_folder(uri: str, *, option: str = "--out") -> None:
+    """Create the folder `uri` and prove it takes a file, before any work starts.
+
+    Local folders get a probe file (a temporary name, removed at once), because a folder can
+    exist on a read-only mount; object stores are only checked by `makedirs` (a probe would be
+    a PUT and a DELETE the credentials may not allow). Raises `UnwritableOutput` naming the
+    folder and the reason in one line.
+    """
+    try:
+        makedirs(uri)
+        location = resolve(uri)
+        if location.is_local:
+            probe = os.path.join(location.path, temporary_name("write-probe"))
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UnwritableOutput(f"{option} {uri}: the output folder cannot be written ({reason})") from None
+
+
 def remove(uri: str) -> None:
     location = resolve(uri)
     location.fs.rm_file(location.path)

@@ -118,19 +118,25 @@ def test_truncated_and_non_checkpoint_files(tmp_path, tiny_model):
         load_glip(truncated)
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pth"):
+    with pytest.raises(CheckpointError, match="notes.pth: not a valid or safe checkpoint") as refused:
         load_glip(text)
+    assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
     with pytest.raises(CheckpointError, match="not found"):
         load_glip(tmp_path / "absent.pth")
 
 
-def test_pickled_code_is_refused(tmp_path):
-    """weights_only=True: a file carrying arbitrary objects is refused, not executed."""
+def test_pickled_code_is_refused(tmp_path, capsys):
+    """weights_only=True: a file carrying arbitrary objects is refused in one line, not executed,
+    and the message never passes on PyTorch's advice to disable weights_only."""
 
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "hook": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="not a valid or safe checkpoint") as refused:
         read_checkpoint(path)
+    message = str(refused.value)
+    assert "print" in message  # names what it would have run
+    assert "\n" not in message and "weights_only" not in message and "safe_globals" not in message
+    assert "this must never run" not in capsys.readouterr().out
 
 
 class _Evil:

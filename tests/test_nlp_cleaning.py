@@ -63,6 +63,26 @@ def test_html_entities_tags_control_characters_and_whitespace() -> None:
     assert "<b>cat</b>" in kept_tags.text
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("a dog next to \x1b[31m a red car\x1b[0m", "a dog next to a red car"),
+        ("a \x1b[1;4;38;5;196mbold\x1b[m cat", "a bold cat"),
+        ("a cat\x1b]0;evil window title\x07 on a mat", "a cat on a mat"),
+        ("a cat\x1b]8;;http://x.example\x1b\\link\x1b]8;;\x1b\\ here", "a cat link here"),
+        ("\x9b31ma red ball", "a red ball"),
+        ("a dog\x1bc barking\x1b", "a dog barking"),
+    ],
+)
+def test_terminal_escape_sequences_are_removed_whole(source: str, expected: str) -> None:
+    cleaned = clean_caption(source)
+    assert cleaned.text == expected
+    start = cleaned.text.index(expected.split()[-1])
+    a, b = cleaned.source_span(start, len(cleaned.text))
+    assert source[a:b] == expected.split()[-1]
+    assert clean_caption(source, CleaningSettings(strip_control_chars=False)).text != expected
+
+
 def test_spans_map_back_to_the_source_caption() -> None:
     source = "  <a href='http://x.org/y'>Red &amp; white</a>\u200b   lighthouse \x07 on rocks"
     cleaned = clean_caption(source)
