@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jobs.submit import job_app, submit_command
+from pipeline.calibrate import calibrate_command
 from pipeline.cli import app
 from pipeline.demo import demo_command
 from pipeline.evaluate import evaluate
@@ -17,6 +18,7 @@ app.command("parse-captions")(parse_captions_command)
 app.command("ground")(ground)
 app.command("pseudo-label")(pseudo_label_command)
 app.command("filter")(filter_command)
+app.command("calibrate")(calibrate_command)
 app.command("show")(show_command)
 app.command("export")(export_command)
 app.command("stats")(stats_command)
