@@ -242,6 +242,13 @@ def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = Non
                 last_print = time.perf_counter()
                 print(f"[{STAGE}] detections {done}/{len(files)} files, {len(found)} sample images found", file=stream, flush=True)
     images = gold.dataset["images"]
+    known = {int(i["id"]) for i in images}
+    strays = sorted({int(a["image_id"]) for a in gold.dataset["annotations"]} - known)
+    if strays:
+        raise CalibrationError(
+            f"{config.gold}: annotations name {len(strays)} image ids that are not in its 'images' "
+            f"(e.g. {', '.join(map(str, strays[:5]))})"
+        )
     if not found:
         gold_examples = ", ".join(repr(Path(i["file_name"]).stem) for i in images[:2])
         raise CalibrationError(
@@ -387,6 +394,7 @@ def run_calibrate(config: CalibrateConfig, *, progress_stream: TextIO | None = N
                 {
                     "nms": curve.nms,
                     "min_score": THRESHOLDS.tolist(),
+                    f"kept_{units}": curve.kept.astype(int).tolist(),
                     **{
                         name: np.round(getattr(curve, name), 4).tolist()
                         for name in ("agnostic_precision", "agnostic_recall", "phrase_precision", "phrase_recall")
@@ -430,11 +438,15 @@ def plot_curves(result: dict, path: str, *, stream: TextIO | None = None) -> boo
 
     calibration = result["calibration"]
     figure, axes = plt.subplots(figsize=(6, 4.5), dpi=110)
+    target = calibration["target"]
+    units = "boxes" if target["scope"] == "box" else "images"
     for number, curve in enumerate(calibration["curves"]):
         colour = f"C{number}"
-        axes.plot(curve["agnostic_recall"], curve["agnostic_precision"], color=colour, label=f"NMS {curve['nms']}")
-        axes.plot(curve["phrase_recall"], curve["phrase_precision"], color=colour, linestyle="--", linewidth=0.8)
-    target = calibration["target"]
+        some = np.asarray(curve[f"kept_{units}"]) > 0  # precision is undefined where nothing is kept
+        for match, style in (("agnostic", "-"), ("phrase", "--")):
+            recall, precision = np.asarray(curve[f"{match}_recall"])[some], np.asarray(curve[f"{match}_precision"])[some]
+            axes.plot(recall, precision, color=colour, linestyle=style, linewidth=1.5 if style == "-" else 0.8,
+                      label=f"NMS {curve['nms']}" if match == "agnostic" else None)
     if target["metric"] == "precision":
         axes.axhline(target["value"], color="grey", linewidth=0.8, linestyle=":")
     else:

@@ -42,7 +42,14 @@ from pipeline.cluster import init_ray, shutdown_ray
 from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_gray_small
 from pipeline.near_duplicates import DECODE_SIDE, DEFAULT_MAX_DISTANCE, HASHES, EvalHashes, eval_hashes, image_hashes, nearest_match
 from pipeline.shard_report import ShardReport, ShardTask
-from pipeline.shards import TAR_SUFFIXES, ShardReadError, discover_shards, iter_webdataset_members, iter_webdataset_samples
+from pipeline.shards import (
+    TAR_SUFFIXES,
+    ShardReadError,
+    discover_shards,
+    iter_webdataset_members,
+    iter_webdataset_samples,
+    member_extension,
+)
 from pipeline.stage import StageRun, plan_shards, run_stage
 from pipeline.stage_stats import print_summary
 
@@ -153,7 +160,8 @@ class DecontaminateWorker:
         return report  # the tar got its final name last: the shard is done
 
     def _match(self, key: str, members, report: ShardReport):
-        image = next((data for member, data in members if member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS), None)
+        by_extension = {member_extension(member.name): data for member, data in members}
+        image = next((by_extension[ext] for ext in IMAGE_EXTENSIONS if ext in by_extension), None)  # as pseudo-label picks it
         if image is None:
             report.count("unchecked")
             return None

@@ -192,6 +192,11 @@ def _iter_tar_files(handle, *, want) -> Iterator[tuple[tarfile.TarInfo, bytes | 
         raise tarfile.ReadError(f"no end-of-archive marker after byte {end_of_members}: the tar was cut short")
 
 
+def member_extension(name: str) -> str:
+    """A tar member's sample extension, the webdataset way: "a/b.seg.png" -> "seg.png"."""
+    return _split_member_name(name)[1]
+
+
 def _split_member_name(name: str) -> tuple[str | None, str]:
     """webdataset's key/extension split: key up to the first "." of the base name."""
     folder, base = posixpath.split(name)

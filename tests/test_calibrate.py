@@ -170,6 +170,10 @@ def test_refusals_are_one_line_with_exit_2(world, shared_data, tmp_path):
     (tmp_path / "extra.json").write_text(json.dumps(extra))
     (lines,) = _error_lines(runner.invoke(app, [*base, "--gold", str(tmp_path / "extra.json")]))
     assert "1 of 81 gold images have no detections" in lines and "image ids 1" in lines
+    stray = {**coco, "annotations": coco["annotations"] + [{**coco["annotations"][0], "id": 10**9, "image_id": 7}]}
+    (tmp_path / "stray.json").write_text(json.dumps(stray))
+    (lines,) = _error_lines(runner.invoke(app, [*base, "--gold", str(tmp_path / "stray.json")]))
+    assert "annotations name 1 image ids that are not in its 'images' (e.g. 7)" in lines
     (lines,) = _error_lines(runner.invoke(app, [*base, "--gold", str(world / "sample.json"), "--target-precision", "0.999"]))
     assert "needs 3000 positives" in lines
     (lines,) = _error_lines(runner.invoke(app, [*base, "--gold", str(world / "sample.json"), "--target-recall", "0.95"]))
