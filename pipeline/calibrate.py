@@ -219,9 +219,14 @@ def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = Non
     index = gold_key_index(gold)
 
     def read(uri: str) -> tuple[str, list[DetectionRow], dict[str, str], str | None]:
-        keys = read_detection_keys(uri)
-        wanted = {key for key in keys if gold_image_id(index, key) is not None}
-        rows, metadata = read_detections(uri, keys=wanted) if wanted else ([], {})
+        import pyarrow as pa
+
+        try:
+            keys = read_detection_keys(uri)
+            wanted = {key for key in keys if gold_image_id(index, key) is not None}
+            rows, metadata = read_detections(uri, keys=wanted) if wanted else ([], {})
+        except (pa.ArrowException, OSError, KeyError) as error:
+            raise CalibrationError(f"{uri}: not a readable detections file ({type(error).__name__}: {error})") from None
         return uri, rows, metadata, keys[0] if keys else None
 
     found: dict[int, tuple[str, DetectionRow]] = {}

@@ -180,6 +180,11 @@ def test_refusals_are_one_line_with_exit_2(world, shared_data, tmp_path):
     assert "no policy reaches recall 0.95" in lines
     (lines,) = _error_lines(runner.invoke(app, [*base, "--gold", str(tmp_path / "missing.json")]))
     assert "missing.json" in lines
+    (tmp_path / "bad" / "detections").mkdir(parents=True)
+    (tmp_path / "bad" / "detections" / "00000.parquet").write_bytes(b"not parquet")
+    bad = runner.invoke(app, ["calibrate", str(tmp_path / "bad"), "--gold", str(world / "sample.json"), "--out", str(tmp_path / "p.json")])
+    (lines,) = _error_lines(bad)
+    assert "00000.parquet: not a readable detections file" in lines
     (tmp_path / "bad_policy.json").write_text(json.dumps({"policy": {"min_score": 0.5, "colour": "red"}}))
     filtered = runner.invoke(app, ["filter", str(world / "shards"), "--detections", str(world / "pl"), "--policy",
                                    str(tmp_path / "bad_policy.json"), "--out", str(tmp_path / "f")])
