@@ -191,8 +191,6 @@ def read_done_report(task: ShardTask, *, out: str) -> ShardReport:
 
 def run_decontaminate(config: DecontaminateConfig, *, progress_stream: TextIO | None = None) -> dict[str, object]:
     """Run the stage; returns the `_stats.json` dict."""
-    import ray
-
     shards = [s for s in discover_shards(config.inputs) if s.kind == "webdataset"]
     if not shards:
         raise FileNotFoundError(f"no WebDataset .tar shards in {list(config.inputs)}")
@@ -202,6 +200,8 @@ def run_decontaminate(config: DecontaminateConfig, *, progress_stream: TextIO | 
     started = False
     eval_ref = None
     if plan.pending:  # a finished run re-runs nothing: no hashing, no Ray
+        import ray
+
         index = read_eval_images(config.against, progress_stream=progress_stream)
         names = index.names
         started = init_ray(config.address, num_cpus=None if config.address else max(os.cpu_count() or 1, config.workers or 0))
