@@ -13,8 +13,8 @@ image (there are few of them, web images are many, and each is hashed once): the
 image of each of these 10, so a web copy cropped by up to 10% at any position is within 2.5%
 of a variant. Images are decoded by `images.decode_gray_small` (JPEG DCT scaling to >= 64
 px, e.g. 160x107 for a 640x427 COCO image): the hashes use 32x32 and 9x8 thumbnails, so
-full-size pixels add nothing but time (bench/decontaminate.py: hashing this way is faster
-than a full decode alone; from a full decode it takes twice as long).
+full-size pixels add nothing but time (bench/decontaminate.py: hashing this way runs at
+about the speed of a full decode alone; from a full decode it takes twice to three times as long).
 
 On 40 coco_mini images (tests/test_decontaminate.py) resized, recompressed, 10%-cropped and
 flipped copies land at most 12 bits from a variant on both hashes, and 640 other real images
