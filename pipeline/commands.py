@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from jobs.submit import job_app, submit_command
+from pipeline.calibrate import calibrate_command
 from pipeline.cli import app
+from pipeline.decontaminate import decontaminate_command
 from pipeline.demo import demo_command
 from pipeline.evaluate import evaluate
 from pipeline.filter_stage import filter_command
@@ -17,6 +19,8 @@ app.command("parse-captions")(parse_captions_command)
 app.command("ground")(ground)
 app.command("pseudo-label")(pseudo_label_command)
 app.command("filter")(filter_command)
+app.command("calibrate")(calibrate_command)
+app.command("decontaminate")(decontaminate_command)
 app.command("show")(show_command)
 app.command("export")(export_command)
 app.command("stats")(stats_command)

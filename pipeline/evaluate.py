@@ -126,23 +126,46 @@ def precision_recall_at(gold, predictions: Sequence[dict], *, iou: float = 0.5, 
         anns = [a for a in gold.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         total_gold += len(anns)
         preds = sorted(by_image.get(image_id, []), key=lambda p: -p["score"])
-        if not preds or not anns:
-            continue
-        ious = _iou_xywh(np.asarray([p["bbox"] for p in preds]), np.asarray([a["bbox"] for a in anns]))
+        allowed = None
         if not class_agnostic:
-            same = np.asarray([[p["category_id"] == a["category_id"] for a in anns] for p in preds])
-            ious = np.where(same, ious, 0.0)
-        taken = np.zeros(len(anns), dtype=bool)
-        for row in ious:
-            candidates = np.where(~taken & (row >= iou), row, -1.0)
-            best = int(candidates.argmax())
-            if candidates[best] >= iou:
-                taken[best] = True
-                matched_pred += 1
-        matched_gold += int(taken.sum())
+            allowed = np.asarray([[p["category_id"] == a["category_id"] for a in anns] for p in preds], dtype=bool)
+        matches = greedy_matches([p["bbox"] for p in preds], [a["bbox"] for a in anns], allowed=allowed, iou=iou)
+        matched_pred += int((matches >= 0).sum())
+        matched_gold += int((matches >= 0).sum())
     precision = matched_pred / len(predictions) if predictions else 0.0
     recall = matched_gold / total_gold if total_gold else 0.0
     return precision, recall
+
+
+def greedy_matches(
+    predictions: Sequence[Sequence[float]],
+    gold: Sequence[Sequence[float]],
+    *,
+    allowed: np.ndarray | None = None,
+    iou: float = 0.5,
+) -> np.ndarray:
+    """The gold box each prediction matches (-1: none), the way COCOeval matches one image.
+
+    predictions: COCO [x, y, w, h] boxes sorted by descending score; gold: COCO boxes;
+    allowed: optional bool [P, G], False where a pair may not match (another category). Each
+    prediction takes the unmatched gold box of highest IoU >= `iou`. Because the matching is
+    greedy in score order, the matches of the boxes above any score threshold are a prefix of
+    these: one call gives the whole precision/recall curve.
+    """
+    matches = np.full(len(predictions), -1, dtype=np.int64)
+    if len(predictions) == 0 or len(gold) == 0:
+        return matches
+    ious = _iou_xywh(np.asarray(predictions, dtype=np.float64), np.asarray(gold, dtype=np.float64))
+    if allowed is not None:
+        ious = np.where(allowed, ious, 0.0)
+    taken = np.zeros(len(gold), dtype=bool)
+    for index, row in enumerate(ious):
+        candidates = np.where(~taken & (row >= iou), row, -1.0)
+        best = int(candidates.argmax())
+        if candidates[best] >= iou:
+            taken[best] = True
+            matches[index] = best
+    return matches
 
 
 def score_boxes(gold, predictions: Sequence[dict], *, class_agnostic: bool = False) -> EvalResult:
@@ -269,16 +292,13 @@ def pseudo_predictions(gold, pseudo_locations: Sequence[str], *, min_score: floa
     """
     from pipeline.train_data import list_pseudo_shards, read_pseudo_shard
 
-    by_name: dict[str, int] = {}
-    for info in gold.dataset["images"]:
-        by_name[str(int(info["id"]))] = int(info["id"])
-        by_name[Path(info["file_name"]).stem] = int(info["id"])
+    index = gold_key_index(gold)
     predictions = []
     for shard in list_pseudo_shards(pseudo_locations):
         for key, _, raw in read_pseudo_shard(shard):
             sample = json.loads(raw)
             name = str(sample.get("key", key))
-            image_id = by_name.get(name) or by_name.get(name.lstrip("0") or "0")
+            image_id = gold_image_id(index, name)
             if image_id is None:
                 continue
             for region in sample.get("grounding", {}).get("regions", []):
@@ -286,6 +306,21 @@ def pseudo_predictions(gold, pseudo_locations: Sequence[str], *, min_score: floa
                 if score >= min_score:
                     predictions.append({"image_id": image_id, "category_id": 1, "bbox": xyxy_to_coco(region["bbox"]), "score": score})
     return predictions
+
+
+def gold_key_index(gold) -> dict[str, int]:
+    """Sample key -> gold image id: the id as text and the image file's stem both name an image."""
+    index: dict[str, int] = {}
+    for info in gold.dataset["images"]:
+        index[str(int(info["id"]))] = int(info["id"])
+        index[Path(info["file_name"]).stem] = int(info["id"])
+    return index
+
+
+def gold_image_id(index: dict[str, int], key: str) -> int | None:
+    """The gold image a shard key names (leading zeros of a numeric key ignored), or None."""
+    found = index.get(key)
+    return found if found is not None else index.get(key.lstrip("0") or "0")
 
 
 def format_table(result: EvalResult, *, title: str) -> str:

@@ -109,6 +109,7 @@ def filter_command(
     detections: str = typer.Option(..., "--detections", help="pseudo-label output folder (or its detections/)."),
     out: str = typer.Option(..., "--out", help="Output folder: pseudo/{shard}.tar and _stats.json."),
     preset: str = _F["preset"],
+    policy_file: Optional[str] = _F["policy_file"],
     min_score: Optional[float] = _F["min_score"],
     nms_iou: Optional[float] = _F["nms_iou"],
     nms_scope: Optional[str] = _F["nms_scope"],
@@ -124,7 +125,7 @@ def filter_command(
     try:
         policy = policy_from_options(
             preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
-            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty,
+            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
         )
         stats = run_filter(
             FilterConfig(

@@ -31,6 +31,9 @@ Presets (`PRESETS`):
 - `grit`   (Kosmos-2's GRIT): score > 0.65, NMS 0.5 across phrases, images with no box dropped.
 - `owlst`  (OWL-ST): boxes > 0.1 kept when the image has one > 0.3, otherwise the image is
            dropped.
+
+A policy file (`--policy policy.json`, written by `pipeline calibrate`) holds a policy in
+place of a preset: `{"policy": {<FilterPolicy fields>}, "calibration": {...}}`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,31 @@ def get_preset(name: str) -> FilterPolicy:
     if name not in PRESETS:
         raise ValueError(f"unknown filter preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def load_policy_file(uri: str) -> FilterPolicy:
+    """The policy of a policy file (`{"policy": {...}}`, or the fields alone); ValueError naming the file."""
+    import json
+
+    from pipeline import storage
+
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise ValueError(f"--policy {uri}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--policy {uri}: not a JSON policy file ({error})") from None
+    fields = data.get("policy", data) if isinstance(data, dict) else None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--policy {uri}: expected an object with a 'policy' entry")
+    known = {f.name for f in dataclasses.fields(FilterPolicy)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--policy {uri}: unknown policy fields {unknown} (known: {', '.join(sorted(known))})")
+    try:
+        return FilterPolicy(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--policy {uri}: {error}") from None
 
 
 def apply_policy(

@@ -86,14 +86,18 @@ def write_detections(uri: str, rows: Sequence[DetectionRow], metadata: dict[str,
     storage.write_atomic(uri, sink.getvalue().to_pybytes())
 
 
-def read_detections(uri: str) -> tuple[list[DetectionRow], dict[str, str]]:
-    """Rows and file metadata of a detections file."""
+def read_detections(uri: str, *, keys: set[str] | None = None) -> tuple[list[DetectionRow], dict[str, str]]:
+    """Rows and file metadata of a detections file; with `keys`, only the rows of those keys."""
     with storage.open_read(uri) as handle:
         table = pq.read_table(handle)
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     missing = set(DETECTIONS_SCHEMA.names) - set(table.schema.names)
     if missing:
         raise ValueError(f"{uri}: not a detections file (no columns {sorted(missing)})")
+    if keys is not None:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string())))
     rows = []
     for record in table.to_pylist():
         boxes = [
@@ -108,6 +112,12 @@ def read_detections(uri: str) -> tuple[list[DetectionRow], dict[str, str]]:
             )
         )
     return rows, metadata
+
+
+def read_detection_keys(uri: str) -> list[str]:
+    """The `key` column of a detections file alone (cheap: one column is read)."""
+    with storage.open_read(uri) as handle:
+        return [str(key) for key in pq.read_table(handle, columns=["key"]).column("key").to_pylist()]
 
 
 def read_detections_metadata(uri: str) -> dict[str, str]:

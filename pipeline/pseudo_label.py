@@ -33,7 +33,7 @@ from typing import Iterator, Optional, TextIO
 import typer
 
 from pipeline import storage
-from pipeline.filtering import PRESETS, Box, FilterPolicy, get_preset
+from pipeline.filtering import PRESETS, Box, FilterPolicy, get_preset, load_policy_file
 from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from pipeline.labels_io import (
     DetectionRow,
@@ -341,9 +341,10 @@ def policy_from_options(
     min_box_frac: float | None = None,
     max_box_frac: float | None = None,
     keep_empty: bool | None = None,
+    policy_file: str | None = None,
 ) -> FilterPolicy:
-    """A preset with the CLI's knobs applied on top."""
-    policy = get_preset(preset)
+    """A preset, or the policy of `policy_file` in its place, with the CLI's knobs applied on top."""
+    policy = load_policy_file(policy_file) if policy_file else get_preset(preset)
     overrides: dict[str, object] = {
         "min_score": min_score,
         "nms_iou": nms_iou,
@@ -361,6 +362,7 @@ def policy_from_options(
 def _filter_options():
     return dict(
         preset=typer.Option("glip", "--preset", help=f"Filter preset: {', '.join(PRESETS)}."),
+        policy_file=typer.Option(None, "--policy", help="Policy file (from `pipeline calibrate`) in place of --preset."),
         min_score=typer.Option(None, "--min-score", help="Keep boxes scoring above this (overrides the preset)."),
         nms_iou=typer.Option(None, "--nms-iou", help="NMS IoU threshold (default: the preset's)."),
         nms_scope=typer.Option(None, "--nms-scope", help="NMS within each 'phrase' or across 'all' phrases."),
@@ -381,6 +383,7 @@ def pseudo_label_command(
     out: str = typer.Option(..., "--out", help="Output folder: detections/, pseudo/, _stats.json."),
     config: str = typer.Option("auto", "--config", help="auto (from the checkpoint) or glip-t, glip-t-a, glip-l, tiny."),
     preset: str = _F["preset"],
+    policy_file: Optional[str] = _F["policy_file"],
     min_score: Optional[float] = _F["min_score"],
     nms_iou: Optional[float] = _F["nms_iou"],
     nms_scope: Optional[str] = _F["nms_scope"],
@@ -406,7 +409,7 @@ def pseudo_label_command(
     try:
         policy = policy_from_options(
             preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
-            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty,
+            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
         )
         run_config = PseudoLabelConfig(
             inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,

@@ -142,28 +142,57 @@ def iter_webdataset_samples(
     def want(name: str) -> bool:
         return wanted is None or _split_member_name(name)[1] in wanted
 
+    for key, members in _grouped_members(uri, want=want, tally=tally):
+        if key is None:
+            for member, _ in members:
+                tally.ignore("no_extension" if _split_member_name(member.name)[0] is None else "metadata")
+            continue
+        sample: dict[str, object] = {"__key__": key}
+        for member, data in members:
+            if data is not None:
+                sample[_split_member_name(member.name)[1]] = data
+        yield sample
+
+
+def iter_webdataset_members(uri: str) -> Iterator[tuple[str | None, list[tuple[tarfile.TarInfo, bytes]]]]:
+    """(key, members) per sample of a WebDataset tar, each member as stored: its `TarInfo` and
+    bytes, for copying samples into another tar unchanged. Members that belong to no sample
+    (no extension, `__*__` metadata) come after the sample they follow, as a group with key
+    None. Raises ShardReadError on a corrupt or truncated archive."""
+    yield from _grouped_members(uri, want=lambda name: True, tally=MemberTally())  # type: ignore[misc]
+
+
+def _grouped_members(
+    uri: str, *, want, tally: MemberTally
+) -> Iterator[tuple[str | None, list[tuple[tarfile.TarInfo, bytes | None]]]]:
+    """Members grouped the webdataset way: consecutive members with the same key form a sample."""
     try:
         with storage.open_read(uri) as handle:
-            current: dict[str, object] | None = None
-            for name, data in _iter_tar_files(handle, want=want, tally=tally):
-                prefix, extension = _split_member_name(name)
-                if prefix is None or _is_meta_member(name):
-                    tally.ignore("no_extension" if prefix is None else "metadata")
+            key: str | None = None
+            members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+            loose: list[tuple[tarfile.TarInfo, bytes | None]] = []
+            for member, data in _iter_tar_files(handle, want=want, tally=tally):
+                prefix, _ = _split_member_name(member.name)
+                if prefix is None or _is_meta_member(member.name):
+                    loose.append((member, data))
                     continue
-                if current is None or current["__key__"] != prefix:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": prefix}
-                if data is not None:
-                    current[extension] = data
-            if current is not None:
-                yield current
+                if prefix != key:
+                    if key is not None:
+                        yield key, members
+                    if loose:
+                        yield None, loose
+                    key, members, loose = prefix, [], []
+                members.append((member, data))
+            if key is not None:
+                yield key, members
+            if loose:
+                yield None, loose
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, zlib.error) as error:
         raise ShardReadError(f"{uri}: broken or truncated tar ({type(error).__name__}: {error})") from error
 
 
-def _iter_tar_files(handle, *, want, tally: MemberTally) -> Iterator[tuple[str, bytes | None]]:
-    """(member path, its bytes or None when `want(path)` is False) per regular file, in order.
+def _iter_tar_files(handle, *, want, tally: MemberTally) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """(member, its bytes or None when `want(path)` is False) per regular file, in order.
 
     Streaming mode ("r|*") reads the archive once, front to back, gzip or not; links,
     directories and devices are skipped (never followed) and counted in `tally`. A member cut
@@ -181,12 +210,12 @@ def _iter_tar_files(handle, *, want, tally: MemberTally) -> Iterator[tuple[str, 
                 tally.ignore(_member_kind(member))
                 continue
             if not want(member.name):
-                yield member.name, None
+                yield member, None
                 continue
             data = archive.extractfile(member).read()  # type: ignore[union-attr]
             if len(data) != member.size:
                 raise tarfile.ReadError(f"member {member.name!r} cut short ({len(data)} of {member.size} bytes)")
-            yield member.name, data
+            yield member, data
         end_of_members = archive.offset
     if not gzipped and handle.seek(0, 2) - end_of_members < 2 * tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {end_of_members}: the tar was cut short")
@@ -218,6 +247,11 @@ def unsafe_key_reason(key: str) -> str | None:
     if ".." in key.replace("\\", "/").split("/"):
         return f"bad_key: {key!r} climbs out of its folder ('..')"
     return None
+
+
+def member_extension(name: str) -> str:
+    """A tar member's sample extension, the webdataset way: "a/b.seg.png" -> "seg.png"."""
+    return _split_member_name(name)[1]
 
 
 def _split_member_name(name: str) -> tuple[str | None, str]:
