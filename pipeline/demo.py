@@ -47,6 +47,7 @@ class StudentRecipe:
     background_weight: float = 1.0  # --pseudo-background-weight
     augment: str = "weak"  # --augment (student and control)
     phrase_score: str = "mean"  # the teacher's phrase scores in pseudo-label (--phrase-score)
+    assign: str = "none"  # the filter's box-to-phrase matching (--assign none|caption)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def _run_stages(out: Path, *, size: str, seed: int, preset: str, control: bool, 
         )
     )
     progress.begin("filter (every preset) and pseudo-label quality")
-    presets, curves = _filter_every_preset(out, paths)
+    presets, curves = _filter_every_preset(out, paths, assign=recipe.assign)
 
     progress.begin(f"train student on gold + pseudo ({preset})")
     student_sources = list(gold)
@@ -261,7 +262,7 @@ def _run_stages(out: Path, *, size: str, seed: int, preset: str, control: bool, 
     }
 
 
-def _filter_every_preset(out: Path, paths: WorldPaths) -> tuple[dict, dict]:
+def _filter_every_preset(out: Path, paths: WorldPaths, *, assign: str = "none") -> tuple[dict, dict]:
     """`filter` the stored detections with each preset; rate each against the web split's
     hidden gold (class-agnostic, IoU 0.5), with its precision-recall curve over score thresholds."""
     from pipeline.demo_report import pr_curve
@@ -273,8 +274,9 @@ def _filter_every_preset(out: Path, paths: WorldPaths) -> tuple[dict, dict]:
     presets, curves = {}, {}
     for name in PRESET_NAMES:
         folder = out / "filtered" / name
+        policy = get_preset(name).with_overrides(assign=None if assign == "none" else assign)
         filter_stats = run_filter(
-            FilterConfig(inputs=(str(paths.web_shards),), detections=str(out / "pseudo_label"), out=str(folder), policy=get_preset(name))
+            FilterConfig(inputs=(str(paths.web_shards),), detections=str(out / "pseudo_label"), out=str(folder), policy=policy)
         )
         predictions = pseudo_predictions(web_gold, [str(folder / "pseudo")])
         quality = score_boxes(web_gold, predictions, class_agnostic=True)
@@ -356,6 +358,7 @@ def demo_command(
     pseudo_background_weight: Optional[float] = typer.Option(None, "--pseudo-background-weight", help="Background weight in pseudo images."),
     augment: Optional[str] = typer.Option(None, "--augment", help="weak or strong, for student and control alike."),
     phrase_score: Optional[str] = typer.Option(None, "--phrase-score", help="The teacher's phrase scores: mean or max."),
+    assign: Optional[str] = typer.Option(None, "--assign", help="The filter's phrase matching: none or caption."),
 ) -> None:
     """Run the whole self-training loop on an embedded world: teacher, student and gold-only control.
 
@@ -378,6 +381,7 @@ def demo_command(
     overrides = {
         "pseudo_weight": pseudo_weight, "score_weight": pseudo_score_weight, "ignore_below": pseudo_ignore_below,
         "background_weight": pseudo_background_weight, "augment": augment, "phrase_score": phrase_score,
+        "assign": assign,
     }
     base = SCHEDULES.get(size, SCHEDULES["default"]).recipe
     recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})

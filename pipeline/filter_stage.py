@@ -117,6 +117,7 @@ def filter_command(
     min_box_frac: Optional[float] = _F["min_box_frac"],
     max_box_frac: Optional[float] = _F["max_box_frac"],
     keep_empty: Optional[bool] = _F["keep_empty"],
+    assign: Optional[str] = _F["assign"],
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
@@ -126,6 +127,7 @@ def filter_command(
         policy = policy_from_options(
             preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
             min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
+            assign=assign,
         )
         stats = run_filter(
             FilterConfig(

@@ -342,6 +342,7 @@ def policy_from_options(
     max_box_frac: float | None = None,
     keep_empty: bool | None = None,
     policy_file: str | None = None,
+    assign: str | None = None,
 ) -> FilterPolicy:
     """A preset, or the policy of `policy_file` in its place, with the CLI's knobs applied on top."""
     policy = load_policy_file(policy_file) if policy_file else get_preset(preset)
@@ -352,6 +353,7 @@ def policy_from_options(
         "top_k_per_phrase": top_k,
         "min_box_frac": min_box_frac,
         "max_box_frac": max_box_frac,
+        "assign": assign,
     }
     if keep_empty is not None:
         overrides["drop_empty"] = not keep_empty
@@ -370,6 +372,9 @@ def _filter_options():
         min_box_frac=typer.Option(None, "--min-box-frac", help="Drop boxes with a side below this fraction of the image's."),
         max_box_frac=typer.Option(None, "--max-box-frac", help="Drop boxes covering more than this fraction of the image."),
         keep_empty=typer.Option(None, "--keep-empty/--drop-empty", help="Keep images left with no box (default: preset's)."),
+        assign=typer.Option(
+            None, "--assign", help="caption: match objects to the caption's phrases jointly (count words allowed); none: each box keeps its best phrase."
+        ),
     )
 
 
@@ -391,6 +396,7 @@ def pseudo_label_command(
     min_box_frac: Optional[float] = _F["min_box_frac"],
     max_box_frac: Optional[float] = _F["max_box_frac"],
     keep_empty: Optional[bool] = _F["keep_empty"],
+    assign: Optional[str] = _F["assign"],
     floor: float = typer.Option(0.05, "--floor", help="Lowest score kept in detections/ (re-filtering cannot go below)."),
     min_size: Optional[int] = typer.Option(None, "--min-size", help="Test-time short side (default: the checkpoint's)."),
     max_size: Optional[int] = typer.Option(None, "--max-size", help="Test-time long-side cap."),
@@ -410,6 +416,7 @@ def pseudo_label_command(
         policy = policy_from_options(
             preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
             min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
+            assign=assign,
         )
         run_config = PseudoLabelConfig(
             inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,

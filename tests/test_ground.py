@@ -62,6 +62,19 @@ def test_ground_json_with_spans(shared_data, official_file):
         assert CAPTION[start:end] == det["phrase"]
 
 
+def test_phrase_score_max_never_scores_a_box_below_mean(shared_data, official_file):
+    args = (str(shared_data / IMAGE), CAPTION, "--teacher", str(official_file), "--config", "tiny", "--span", "2:29",
+            "--threshold", "0", "--min-size", "256", "--max-size", "400", "--json")
+    mean = json.loads(_run(*args).stdout)["detections"]
+    maxed = json.loads(_run(*args, "--phrase-score", "max").stdout)["detections"]
+    # One multi-token phrase: the max of its token probabilities is at least their mean, box by box.
+    by_box = {tuple(round(v, 2) for v in d["box"]): d["score"] for d in maxed}
+    shared = [(d["score"], by_box[tuple(round(v, 2) for v in d["box"])]) for d in mean if tuple(round(v, 2) for v in d["box"]) in by_box]
+    assert shared and all(high >= low - 1e-6 for low, high in shared) and any(high > low for low, high in shared)
+    wrong = _run(*args, "--phrase-score", "median")
+    assert wrong.exit_code == 2 and "--phrase-score" in wrong.output
+
+
 def test_ground_finds_phrases_itself(shared_data, official_file):
     result = _run(
         str(shared_data / IMAGE), CAPTION, "--teacher", str(official_file), "--config", "tiny",
