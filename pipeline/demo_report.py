@@ -22,21 +22,15 @@ PR_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 def pr_curve(gold, predictions: Sequence[dict], thresholds: Sequence[float] = PR_THRESHOLDS) -> list[dict]:
     """Class-agnostic precision and recall at IoU 0.5 of `predictions` kept above each score
     threshold (what a filter at that threshold would give), against pycocotools `gold`."""
-    from pipeline.evaluate import precision_recall_at
+    from pipeline.evaluate import class_agnostic_gold, precision_recall_at
 
+    agnostic = class_agnostic_gold(gold)
     points = []
     for threshold in thresholds:
         kept = [{**p, "category_id": 1} for p in predictions if p["score"] >= threshold]
-        agnostic = _class_agnostic(gold)
         precision, recall = precision_recall_at(agnostic, kept, class_agnostic=True)
         points.append({"threshold": float(threshold), "precision": round(precision, 4), "recall": round(recall, 4), "boxes": len(kept)})
     return points
-
-
-def _class_agnostic(gold):
-    from pipeline.evaluate import _class_agnostic as agnostic
-
-    return agnostic(gold)
 
 
 def _png(figure) -> str:

@@ -90,7 +90,7 @@ def xyxy_to_coco(box: Sequence[float]) -> list[float]:
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
 
 
-def _class_agnostic(gold):
+def class_agnostic_gold(gold):
     """A copy of `gold` where every box has category 1."""
     from pycocotools.coco import COCO
 
@@ -180,7 +180,7 @@ def score_boxes(gold, predictions: Sequence[dict], *, class_agnostic: bool = Fal
     image_ids = set(gold.getImgIds())
     predictions = [p for p in predictions if int(p["image_id"]) in image_ids]
     if class_agnostic:
-        gold = _class_agnostic(gold)
+        gold = class_agnostic_gold(gold)
         predictions = [{**p, "category_id": 1} for p in predictions]
     num_gold = sum(1 for a in gold.dataset["annotations"] if not a.get("iscrowd", 0))
     precision, recall = precision_recall_at(gold, predictions, class_agnostic=class_agnostic)
