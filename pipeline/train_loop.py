@@ -100,6 +100,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.scale_jitter < 1.0 or self.pseudo_background_weight < 0:
             raise ValueError("scale_jitter must be in [0, 1) and pseudo_background_weight >= 0")
+        if self.init_backbone:
+            from model.config import get_config
+
+            backbone = get_config(self.variant).backbone
+            if backbone != "mobilenet_v2":
+                raise ValueError(
+                    f"--init-backbone {self.init_backbone}: only the mobilenet_v2 backbone (variant tiny-mnv2) has ImageNet "
+                    f"weights available offline; variant {self.variant} uses {backbone} (start it from --init instead)"
+                )
 
     @property
     def pseudo_weighting(self) -> PseudoWeighting:
@@ -196,18 +205,11 @@ def load_minilm_text_encoder(model: torch.nn.Module) -> None:
 
 def load_backbone_weights(model: torch.nn.Module, source: str) -> None:
     """ImageNet weights for the visual body: `imagenet` (the MobileNetV2 file found locally, see
-    `model.mobilenet`) or a path to that file; only the `mobilenet_v2` backbone takes them."""
-    from model.mobilenet import MobileNetV2Body, load_imagenet_weights
-
-    body = model.backbone.body
-    if not isinstance(body, MobileNetV2Body):
-        raise ValueError(
-            f"--init-backbone {source}: only the mobilenet_v2 backbone (variant tiny-mnv2) has ImageNet weights "
-            f"available offline; variant {model.config.name} uses {model.config.backbone} (start it from --init instead)"
-        )
+    `model.mobilenet`) or a path to that file; `TrainConfig` admits it for `mobilenet_v2` only."""
+    from model.mobilenet import load_imagenet_weights
     from pipeline.storage import local_copy
 
-    load_imagenet_weights(body, None if source == "imagenet" else local_copy(source))
+    load_imagenet_weights(model.backbone.body, None if source == "imagenet" else local_copy(source))
 
 
 def build_student(config: TrainConfig) -> torch.nn.Module:

@@ -160,7 +160,11 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
 
 
 # Settings that must not change when a run is resumed (the rest, e.g. logging, may).
-_RESUME_KEYS = ("variant", "steps", "batch_size", "workers", "seed", "sources", "min_sizes", "max_size", "schedule", "init")
+_RESUME_KEYS = (
+    "variant", "steps", "batch_size", "workers", "seed", "sources", "min_sizes", "max_size", "schedule", "init",
+    "init_backbone", "pseudo_score_weight", "pseudo_ignore_below", "pseudo_background_weight", "crop_probability",
+    "cutout_probability", "scale_jitter",
+)
 
 
 def _check_resumable(fs, path: str, config: TrainConfig) -> None:

@@ -153,6 +153,17 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert {"model.pth", "train_state.pt", "rank_0.pt", "rank_1.pt"} <= {p.name for p in checkpoint_dir.iterdir()}
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
+    assert stats["samples_by_source_worker0"] == {"coco": 2}  # the measured mix: 2 steps of 1 on worker 0
+
+
+def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_path, overfit_json, shared_data):
+    base = ["train-student", "--config", "tiny-mnv2", "--coco", str(overfit_json), "--images", str(shared_data / IMAGES), "--steps", "1"]
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a"), "--augment", "wild"])
+    assert bad.exit_code == 2 and "--augment 'wild'" in bad.output
+    band = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--pseudo-ignore-below", "1.5"])
+    assert band.exit_code == 2 and "pseudo_ignore_below" in band.output
+    wrong_body = CliRunner().invoke(app, [*base[:2], "tiny", *base[3:], "--out", str(tmp_path / "c"), "--init-backbone", "imagenet"])
+    assert wrong_body.exit_code == 2 and "only the mobilenet_v2 backbone" in wrong_body.output
 
 
 def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_cluster, tmp_path, shared_data):
@@ -175,6 +186,7 @@ def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_clust
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
+    assert stats["samples_by_source_worker0"] == {"pseudo": 2}  # pseudo shards only: every sample drawn is pseudo
 
 
 def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json, shared_data):
