@@ -230,8 +230,8 @@ def cutout(
             h = int(rng.integers(1, max(2, int(max_fraction * height)) + 1))
             w = int(rng.integers(1, max(2, int(max_fraction * width)) + 1))
             y, x = int(rng.integers(0, max(1, height - h + 1))), int(rng.integers(0, max(1, width - w + 1)))
-            overlap_w = (torch.minimum(boxes[:, 2] + 1, torch.tensor(float(x + w))) - torch.maximum(boxes[:, 0], torch.tensor(float(x)))).clamp(min=0)
-            overlap_h = (torch.minimum(boxes[:, 3] + 1, torch.tensor(float(y + h))) - torch.maximum(boxes[:, 1], torch.tensor(float(y)))).clamp(min=0)
+            overlap_w = ((boxes[:, 2] + 1).clamp(max=x + w) - boxes[:, 0].clamp(min=x)).clamp(min=0)
+            overlap_h = ((boxes[:, 3] + 1).clamp(max=y + h) - boxes[:, 1].clamp(min=y)).clamp(min=0)
             covered = hidden + overlap_w * overlap_h / areas
             if not bool((covered > max_hidden).any()):
                 tensor[:, y : y + h, x : x + w] = 0.0

@@ -295,9 +295,9 @@ def _filter_every_preset(out: Path, paths: WorldPaths, *, assign: str = "none") 
     return presets, curves
 
 
-def _gap(models: dict, key: str, a: str, b: str) -> float:
+def _gap(models: dict, key: str, a: str, b: str) -> float | None:
     if a not in models or b not in models:
-        return float("nan")
+        return None  # --no-control
     return round(100 * (models[a][key] - models[b][key]), 2)
 
 

@@ -98,6 +98,14 @@ def _rows(items) -> str:
     return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
 
 
+def _headline(gaps: dict) -> str:
+    teacher = f"student - teacher: <b>{gaps['student_minus_teacher']:+.1f} AP</b>"
+    if gaps["student_minus_control"] is None:  # run with --no-control
+        return teacher[0].upper() + teacher[1:] + "."
+    return (f"Student - control: <b>{gaps['student_minus_control']:+.1f} AP</b>; {teacher} "
+            f"(tail kinds: student - control {gaps['tail_student_minus_control']:+.1f} AP).")
+
+
 def render_html(report: dict) -> str:
     models = report["models"]
     keys = (*AP_KEYS, "AP_base", "AP_tail")
@@ -123,8 +131,7 @@ def render_html(report: dict) -> str:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left;background:#f4f4f4}}
 .big{{font-size:22px}}.charts img{{margin-right:16px;vertical-align:top}}iframe{{width:100%;height:900px;border:1px solid #ccc}}</style></head><body>
 <h1>GLIP self-training demo</h1>
-<p class="big">Student - control: <b>{gaps['student_minus_control']:+.1f} AP</b>; student - teacher: <b>{gaps['student_minus_teacher']:+.1f} AP</b>
-(tail kinds: student - control {gaps['tail_student_minus_control']:+.1f} AP).</p>
+<p class="big">{_headline(gaps)}</p>
 <p>World <b>{html.escape(report['size'])}</b>, seed {report['seed']}, student preset <b>{html.escape(report['preset'])}</b>,
 total {report['total_seconds']} s. Every number below comes from pycocotools on this run's outputs.</p>
 <div class="charts"><img alt="AP by arm" src="{report['charts']['ap']}"><img alt="pseudo-label precision-recall" src="{report['charts']['pr']}"></div>
