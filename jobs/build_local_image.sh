@@ -125,8 +125,8 @@ fi
 if ! podman image exists "$BASE"; then
   if [ ! -x "$WORK/rootfs/usr/bin/apt-get" ]; then
     rm -rf "$WORK/rootfs"
-    step "debootstrap $SUITE (minbase)" \
-      debootstrap --variant=minbase "$SUITE" "$WORK/rootfs" "$MIRROR" > "$WORK/debootstrap.log"
+    bootstrap() { debootstrap --variant=minbase "$SUITE" "$WORK/rootfs" "$MIRROR" > "$WORK/debootstrap.log"; }
+    step "debootstrap $SUITE (minbase)" bootstrap
   fi
   import_base() { tar -C "$WORK/rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE" > /dev/null; }
   step "podman import base" import_base
@@ -146,7 +146,10 @@ in_image() {
   podman run --rm --network none --shm-size 1g \
     --volume "$DATA:/data:ro" --volume "$RUN_DIR:/run-out" "$TAG" "$@"
 }
-help_in_image() { in_image pipeline --help > "$RUN_DIR/help.txt"; grep -c . "$RUN_DIR/help.txt" | sed 's/$/ lines of help/'; }
+help_in_image() {
+  in_image pipeline --help > "$RUN_DIR/help.txt"
+  echo "$(grep -c . "$RUN_DIR/help.txt") lines of help; $(in_image sh -c 'python --version; id -un' | tr '\n' ' ')"
+}
 step "pipeline --help (in the image)" help_in_image
 SLICE="import pyarrow.parquet as pq, sys; pq.write_table(pq.read_table(sys.argv[1]).slice(0, int(sys.argv[2])), sys.argv[3])"
 parse_in_image() {
@@ -182,5 +185,5 @@ else
   echo "(no host interpreter with the engine at $HOST_PYTHON: set GLIP_HOST_PYTHON to compare rows)"
 fi
 
-echo "== timings"
+echo "== timings (run the image yourself with CONTAINERS_CONF=$CONTAINERS_CONF podman run --rm $TAG ...)"
 printf '%s\n' "${TIMINGS[@]}"

