@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from model.checkpoint import file_sha256
 from pipeline.cli import app
-from pipeline.teachers import inspect_teacher, load_teacher
+from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
 from tests.hf_fixtures import GD_MAX_TEXT_LEN
 
 IMAGES = ["coco_mini/train2017/000000000790.jpg", "coco_mini/train2017/000000030752.jpg"]
@@ -226,3 +225,13 @@ def test_bad_teacher_folders_give_one_line_and_exit_2(hf_teachers, shared_data, 
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(app, ["ground", image, CAPTIONS[0], "--teacher", str(hf_teachers["owlv2"]), "--span", "0:5"])
     assert result.exit_code == 2 and f"hf:{hf_teachers['owlv2']}" in result.output, result.output
+
+
+def test_resolve_device():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device 'tpu': choose auto, cpu or cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            resolve_device("cuda")
