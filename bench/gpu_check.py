@@ -19,10 +19,14 @@ images of ../shared/data/coco_mini (or `$GLIP_SHARED_DIR/data`). Rows:
   with gradient checkpointing at batch 2 on real COCO batches (short side 800): samples/s and
   peak memory.
 
+* teacher (only with `--hf-teacher hf:DIR`, repeatable): a saved Grounding DINO or OWLv2
+  folder's `predict` images/s at batch 4 in fp32 and bf16, and its detections against the same
+  folder on the CPU (as the parity rows). No such weights ship with the checkout.
+
 `--smoke` runs the same code on the CPU with the `tiny` variant at a small size (what the test
 runs); `bench/gpu_check.sh` is the entry point.
 
-    bash bench/gpu_check.sh [--smoke] [--json FILE]
+    bash bench/gpu_check.sh [--smoke] [--json FILE] [--hf-teacher hf:DIR ...]
 """
 
 from __future__ import annotations
@@ -196,6 +200,40 @@ def parity_rows(cpu_model, device_model, variant: str, plan: CheckPlan, device: 
     return rows
 
 
+def hf_teacher_rows(teacher: str, plan: CheckPlan, device: torch.device) -> list[Row]:
+    """A transformers teacher (`--hf-teacher hf:DIR`): `predict` images/s at batch 4 in fp32 and
+    bf16 on the device, and its detections (fp32, bf16) against the same folder on the CPU."""
+    from pipeline.teachers import inspect_teacher, load_teacher
+
+    source = inspect_teacher(teacher)
+    variant = f"{source.kind} {source.identity.name}"
+    images = coco_images(4)
+    captions, spans = [CAPTION] * 4, [phrase_spans(CAPTION)] * 4
+    reference = load_teacher(source).predict(images[: plan.parity_images], captions[: plan.parity_images], spans[: plan.parity_images])
+    rows = []
+    for bf16 in (False, True):
+        precision = "bf16" if bf16 else "fp32"
+        if bf16 and device.type != "cuda":
+            rows.append(Row(check="teacher img/s", variant=variant, setting=f"b4 {precision}", value="n/a (bf16 on CUDA only)"))
+            continue
+        model = load_teacher(source, device=str(device), bf16=bf16)
+        model.predict(images[:1], captions[:1], spans[:1])  # warm-up
+        reset_peak(device)
+        times = []
+        for _ in range(plan.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            found = model.predict(images, captions, spans)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        rows.append(Row(check="teacher img/s", variant=variant, setting=f"b4 {precision}", value=f"{4 / min(times):.2f}", peak=peak_gib(device)))
+        fractions = [matched_fraction(ref, got) for ref, got in zip(reference, found)]
+        value = f"{sum(fractions) / len(fractions):.3f} of {sum(len(r) for r in reference)} dets"
+        rows.append(Row(check="parity matched", variant=variant, setting=f"{device.type} {precision} vs cpu fp32", value=value))
+        del model
+    return rows
+
+
 class BusySampler:
     """The GPU's utilisation (nvidia-smi, every 0.2 s) while the `with` block runs; None without one."""
 
@@ -315,7 +353,7 @@ def format_table(rows: list[Row], title: str) -> str:
     return "\n".join(lines)
 
 
-def run_checks(plan: CheckPlan, work: Path) -> list[Row]:
+def run_checks(plan: CheckPlan, work: Path, hf_teachers: tuple[str, ...] = ()) -> list[Row]:
     from pipeline.cluster import init_ray, shutdown_ray
 
     device = torch.device(plan.device)
@@ -340,6 +378,8 @@ def run_checks(plan: CheckPlan, work: Path) -> list[Row]:
         shutdown_ray(started)
     for variant in plan.variants:
         rows += train_rows(variant, plan, device)
+    for teacher in hf_teachers:
+        rows += hf_teacher_rows(teacher, plan, device)
     return rows
 
 
@@ -347,6 +387,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny variant, small sizes: the same steps in about a minute.")
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON here.")
+    parser.add_argument("--hf-teacher", action="append", default=[], metavar="hf:DIR",
+                        help="Also time a saved Grounding DINO / OWLv2 teacher folder (repeatable).")
     args = parser.parse_args()
     plan = SMOKE_PLAN if args.smoke else GPU_PLAN
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -355,7 +397,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        rows = run_checks(plan, Path(work))
+        rows = run_checks(plan, Path(work), tuple(args.hf_teacher))
     title = (f"gpu_check {'--smoke ' if args.smoke else ''}on {name}, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s")
     print(format_table(rows, title))

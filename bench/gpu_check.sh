@@ -2,9 +2,10 @@
 # One GPU check of the engine (bench/gpu_check.py): forward speed and parity of GLIP-T(C) and
 # GLIP-L, pseudo-label stage vs a bare loop, one train-student step each. Needs only this
 # checkout and ../shared/data (or GLIP_SHARED_DIR=/path/to/shared). At most 8 minutes on one GPU;
-# `--smoke` runs the same steps on the CPU with the tiny variant.
+# `--smoke` runs the same steps on the CPU with the tiny variant. `--hf-teacher hf:DIR` (repeatable)
+# adds images/s and parity rows for a saved Grounding DINO / OWLv2 folder.
 #
-#   bash bench/gpu_check.sh [--smoke] [--json FILE]
+#   bash bench/gpu_check.sh [--smoke] [--json FILE] [--hf-teacher hf:DIR ...]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-}"

@@ -55,6 +55,7 @@ class CheckpointInfo:
     variant: str
     source_format: str  # "official" (no metadata), "glip_engine", or "safetensors"
     metadata: dict[str, Any] = field(default_factory=dict)
+    config: GLIPConfig | None = None  # the configuration the weights load into
 
     @property
     def name(self) -> str:
@@ -209,30 +210,66 @@ def _listing(title: str, keys: list[str], limit: int = 20) -> str:
     return f"\n  {title}:\n    {shown}{more}"
 
 
+def checkpoint_variant(metadata: Mapping[str, Any], cfg: GLIPConfig, config: str | GLIPConfig) -> str:
+    """The variant a checkpoint is recorded under: the one asked for, else the file's own."""
+    if config != "auto":
+        return cfg.name
+    return str(metadata.get("variant", cfg.name))
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, config: str | GLIPConfig = "auto") -> CheckpointInfo:
+    """Variant, sha256, metadata and configuration of a checkpoint, checked to fit the model.
+
+    Reads and hashes the file once; no weights are materialised in a model (the fit is checked
+    against a model built on the meta device), so a stage's driver can call it before any
+    worker starts and hand the result to every worker (`load_glip(..., info=...)`).
+    """
+    state, metadata, source_format = read_checkpoint(path)
+    state = drop_ignored_keys(state)
+    cfg = resolve_config(state, metadata, config)
+    with torch.device("meta"):
+        shapes = GLIP(cfg)
+    check_state_dict(shapes, state, source=str(path))
+    return _checkpoint_info(path, metadata, source_format, cfg, config)
+
+
 def load_glip(
     path: str | os.PathLike,
     *,
     config: str | GLIPConfig = "auto",
     device: str | torch.device = "cpu",
+    info: CheckpointInfo | None = None,
 ) -> tuple[GLIP, CheckpointInfo]:
-    """Build the model a checkpoint describes and load its weights strictly (eval mode)."""
+    """Build the model a checkpoint describes and load its weights strictly (eval mode).
+
+    info: the file's `inspect_checkpoint` result, when the caller has it; its configuration is
+    used (`config` is then ignored) and the file is not hashed again.
+    """
     state, metadata, source_format = read_checkpoint(path)
     state = drop_ignored_keys(state)
-    cfg = resolve_config(state, metadata, config)
+    cfg = info.config if info is not None and info.config is not None else resolve_config(state, metadata, config)
     # Built on the CPU, not the meta device: non-persistent buffers (BERT position_ids) are
     # not in the file and must keep their constructed values.
     model = GLIP(cfg)
     check_state_dict(model, state, source=str(path))
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
-    info = CheckpointInfo(
+    if info is None:
+        info = _checkpoint_info(path, metadata, source_format, cfg, config)
+    return model, info
+
+
+def _checkpoint_info(
+    path: str | os.PathLike, metadata: Mapping[str, Any], source_format: str, cfg: GLIPConfig, config: str | GLIPConfig
+) -> CheckpointInfo:
+    return CheckpointInfo(
         path=str(path),
         sha256=file_sha256(path),
-        variant=metadata.get("variant", cfg.name),
+        variant=checkpoint_variant(metadata, cfg, config),
         source_format=source_format,
         metadata=dict(metadata),
+        config=cfg,
     )
-    return model, info
 
 
 def save_glip(

@@ -1,6 +1,6 @@
 """Batched grounding: images + captions + phrase spans -> boxes in original pixels.
 
-This is the teacher's inference path used by `pipeline ground` and `pipeline pseudo-label`.
+The GLIP teacher (`model.teacher.Teacher`) of `pipeline ground`, `pseudo-label` and `eval`.
 It composes the official steps in their order: test transform (resize, BGR x255 normalise,
 pad to 32), tokenisation, the GLIP forward, ATSS post-processing with MEAN phrase scores,
 and the rescaling of boxes to the original image size (BoxList.resize: plain ratios).
@@ -30,48 +30,10 @@ from model.checkpoint import CheckpointInfo, load_glip
 from model.glip import GLIP
 from model.postprocess import ATSSPostProcessor, rescale_boxes
 from model.preprocess import batch_images, image_to_tensor
+from model.teacher import MIN_BOX_SIDE, Detections, Span, TeacherIdentity, check_batch, entity_spans, merge_detections
 from model.text import label_to_tokens, load_tokenizer, positive_map_from_spans, split_prompt, tokenize
 
-Span = tuple[int, int]
-# Boxes narrower or lower than this many ORIGINAL pixels are dropped after rescaling. The official
-# post-processing keeps any box of "+1" size >= 0, so a very thin image (8 x 4000 px, resized to
-# 3 x 1333) yields boxes of zero width; none of the official reference runs holds such a box.
-MIN_BOX_SIDE = 1.0
-
-
-@dataclass
-class Detections:
-    """Detections of one image.
-
-    boxes: [K, 4] float32 xyxy in the ORIGINAL image's pixels; scores: [K] in [0, 1]
-    (sqrt(phrase prob * centerness), the official score); phrase_ids: [K] int64, index into the
-    phrase list given for this image. `degenerate`: boxes the predictor dropped because they
-    were under `MIN_BOX_SIDE` pixels wide or high in the original image.
-    """
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    phrase_ids: torch.Tensor
-    degenerate: int = 0
-
-    def __len__(self) -> int:
-        return int(self.scores.numel())
-
-    def _select(self, index: torch.Tensor) -> "Detections":
-        return Detections(self.boxes[index], self.scores[index], self.phrase_ids[index], self.degenerate)
-
-    def above(self, threshold: float) -> "Detections":
-        return self._select(self.scores > threshold)
-
-    def sorted(self) -> "Detections":
-        return self._select(torch.argsort(self.scores, descending=True, stable=True))
-
-    def without_degenerate(self, min_side: float) -> "Detections":
-        """The boxes at least `min_side` pixels wide and high; the others counted in `degenerate`."""
-        keep = ((self.boxes[:, 2] - self.boxes[:, 0]) >= min_side) & ((self.boxes[:, 3] - self.boxes[:, 1]) >= min_side)
-        kept = self._select(keep)
-        kept.degenerate += int((~keep).sum())
-        return kept
+__all__ = ["Detections", "GLIPPredictor", "MIN_BOX_SIDE"]
 
 
 @dataclass(frozen=True)
@@ -123,14 +85,33 @@ class GLIPPredictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str, *, config="auto", device: str | torch.device = "cpu", **kwargs
+        cls,
+        path: str,
+        *,
+        config="auto",
+        device: str | torch.device = "cpu",
+        info: CheckpointInfo | None = None,
+        **kwargs,
     ) -> "GLIPPredictor":
-        model, info = load_glip(path, config=config, device=device)
+        """Load `path`; `info` (from `inspect_checkpoint`, worked out once per job) spares
+        re-hashing the file and re-resolving its configuration in every actor."""
+        model, info = load_glip(path, config=config, device=device, info=info)
         return cls(model, checkpoint=info, **kwargs)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def identity(self) -> TeacherIdentity:
+        """Provenance: the checkpoint's name, sha256 and variant, and the test-time sizes used."""
+        info = self.checkpoint
+        preprocessing = {"min_size": self.min_size, "max_size": self.max_size, "size_divisibility": self.size_divisibility}
+        if info is None:  # built from a model in memory
+            return TeacherIdentity(name="", kind="glip", sha256="", variant=self.config.name, preprocessing=preprocessing)
+        return TeacherIdentity(
+            name=info.name, kind="glip", sha256=info.sha256, variant=info.variant, preprocessing=preprocessing
+        )
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -162,15 +143,11 @@ class GLIPPredictor:
         that image's caption, or a list of such spans for a phrase made of several pieces.
         Returns one `Detections` per image, boxes in the original pixels, sorted by score.
         """
-        if not (len(images) == len(captions) == len(phrase_spans)):
-            raise ValueError(
-                f"images ({len(images)}), captions ({len(captions)}) and phrase_spans "
-                f"({len(phrase_spans)}) must have the same length"
-            )
+        check_batch(images, captions, phrase_spans)
         tensors = [self._image_tensor(image) for image in images]
         prompts: list[_Prompt] = []
         for index, (caption, spans) in enumerate(zip(captions, phrase_spans)):
-            entities = [[tuple(s)] if not isinstance(s[0], (tuple, list)) else [tuple(x) for x in s] for s in spans]
+            entities = entity_spans(spans)
             if entities:
                 prompts.extend(self._prompts_for(index, caption, entities))
         parts: list[list[Detections]] = [[] for _ in images]
@@ -183,7 +160,7 @@ class GLIPPredictor:
             )
             for prompt, det in zip(round_prompts, dets):
                 parts[prompt.image_index].append(det)
-        return [_merge(p, self.postprocessor.detections_per_img) for p in parts]
+        return [merge_detections(p, self.postprocessor.detections_per_img) for p in parts]
 
     def _image_tensor(self, image: Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
@@ -254,18 +231,3 @@ def _rounds(prompts: list[_Prompt]) -> list[list[_Prompt]]:
             rounds.append([prompt])
             seen.append({prompt.image_index})
     return rounds
-
-
-def _merge(parts: list[Detections], limit: int) -> Detections:
-    if not parts:
-        empty = torch.zeros((0,), dtype=torch.float32)
-        return Detections(torch.zeros((0, 4)), empty, torch.zeros((0,), dtype=torch.int64))
-    merged = Detections(
-        torch.cat([p.boxes for p in parts]),
-        torch.cat([p.scores for p in parts]),
-        torch.cat([p.phrase_ids for p in parts]),
-        sum(p.degenerate for p in parts),
-    ).sorted()
-    if len(parts) > 1 and len(merged) > limit:
-        merged = merged._select(torch.arange(limit))
-    return merged

@@ -1,8 +1,9 @@
-"""`pipeline eval`: zero-shot COCO detection AP of a GLIP checkpoint, and pseudo-label quality.
+"""`pipeline eval`: zero-shot COCO detection AP of a teacher, and pseudo-label quality.
 
 Model evaluation follows GLIP's COCO protocol (`engine/inference.py`): the prompt is the
 dataset's class names in category-id order, "person. bicycle. car. ..." (split into several
-prompts when they exceed 256 tokens, as LVIS chunked evaluation does); each detection's phrase
+prompts when they exceed 256 tokens, as LVIS chunked evaluation does; OWLv2 gets one query per
+name, as its own COCO evaluation does); each detection's phrase
 is its category; boxes go to pycocotools as [x, y, x1 - x0 + 1, y1 - y0 + 1] (the official
 `BoxList.convert("xywh")`), up to 100 per image; the table is COCOeval's AP, AP50, AP75,
 APs, APm, APl.
@@ -229,7 +230,7 @@ def evaluate_model(
     max_images: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Zero-shot COCO detection of a `GLIPPredictor` (class names as the prompt)."""
+    """Zero-shot COCO detection of a teacher (`model.teacher.Teacher`; class names as the prompt)."""
     from PIL import Image, UnidentifiedImageError
 
     from model.text import detection_prompt
@@ -335,11 +336,13 @@ def format_table(result: EvalResult, *, title: str) -> str:
 
 def evaluate(
     coco: Path = typer.Option(..., "--coco", help="COCO instances JSON with the gold boxes."),
-    model: Optional[Path] = typer.Option(None, "--model", help="GLIP checkpoint to evaluate zero-shot."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Teacher to evaluate zero-shot: GLIP checkpoint, or hf:FOLDER (Grounding DINO, OWLv2)."
+    ),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of the COCO JSON (with --model)."),
     pseudo: list[str] = typer.Option([], "--pseudo", help="Pseudo shard folder/tar to rate against the gold (repeatable)."),
     min_score: float = typer.Option(0.0, help="With --pseudo: only regions scoring at least this."),
-    config: str = typer.Option("auto", help="auto (from the checkpoint) or a variant name."),
+    config: str = typer.Option("auto", help="GLIP: auto (from the checkpoint) or a variant name."),
     min_size: Optional[int] = typer.Option(None, help="Test-time short side (default: the checkpoint's, 800)."),
     max_size: Optional[int] = typer.Option(None, help="Test-time long-side cap (default 1333)."),
     batch_size: int = typer.Option(2, help="Images per forward."),
@@ -347,29 +350,25 @@ def evaluate(
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (AP, AP50, AP75, APs, APm, APl, ...)."),
 ) -> None:
-    """Zero-shot COCO AP of a checkpoint (--model), or pseudo-label precision/recall (--pseudo)."""
+    """Zero-shot COCO AP of a teacher (--model), or pseudo-label precision/recall (--pseudo)."""
     if (model is None) == (not pseudo):
         raise typer.BadParameter("give either --model CKPT (with --images) or --pseudo DIR")
+    provenance = {}
     try:
         if model is not None:
             if images is None or not images.is_dir():
                 raise typer.BadParameter(f"--images {images}: image folder not found")
-            from model.checkpoint import CheckpointError
-            from model.predict import GLIPPredictor
+            from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
 
-            if device == "auto":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
             try:
-                predictor = GLIPPredictor.from_checkpoint(
-                    str(model), config=config, device=device, min_size=min_size, max_size=max_size
-                )
-            except CheckpointError as exc:
+                source = inspect_teacher(model, config=config, min_size=min_size, max_size=max_size)
+                predictor = load_teacher(source, device=resolve_device(device))
+            except (FileNotFoundError, ValueError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(code=2) from None
             result = evaluate_model(predictor, coco, images, batch_size=batch_size, max_images=max_images, progress=not as_json)
-            title = f"zero-shot COCO detection: {model.name} on {coco.name}"
+            title = f"zero-shot COCO detection: {source.identity.name} ({source.kind}) on {coco.name}"
+            provenance = {"teacher": source.to_dict()}
         else:
             gold = load_gold(coco)
             result = score_boxes(gold, pseudo_predictions(gold, pseudo, min_score=min_score), class_agnostic=True)
@@ -378,6 +377,6 @@ def evaluate(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     if as_json:
-        typer.echo(json.dumps(result.as_dict()))
+        typer.echo(json.dumps({**result.as_dict(), **provenance}))
     else:
         typer.echo(format_table(result, title=title))

@@ -1,4 +1,5 @@
-"""`pipeline ground`: try a GLIP checkpoint on one image and one caption.
+"""`pipeline ground`: try a teacher (GLIP checkpoint, or hf:FOLDER of Grounding DINO / OWLv2) on one
+image and one caption.
 
 Phrases come from `nlp/` (the same extractor parse-captions uses) or from `--span START:END`
 given by hand. Detections are printed as a table, or as JSON with `--json`: boxes xyxy in the
@@ -31,8 +32,10 @@ def parse_span(text: str, caption: str) -> tuple[int, int]:
 def ground(
     image: Path = typer.Argument(..., help="Image file (any format PIL reads)."),
     caption: str = typer.Argument(..., help="Caption whose phrases to ground."),
-    teacher: Path = typer.Option(..., "--teacher", help="GLIP checkpoint (.pth or .safetensors)."),
-    config: str = typer.Option("auto", help="auto (from the file) or glip-t-a, glip-t, glip-l, tiny."),
+    teacher: str = typer.Option(
+        ..., "--teacher", help="GLIP checkpoint (.pth or .safetensors), or hf:FOLDER of a saved Grounding DINO / OWLv2."
+    ),
+    config: str = typer.Option("auto", help="GLIP: auto (from the file) or glip-t-a, glip-t, glip-l, tiny."),
     span: list[str] = typer.Option([], "--span", help="Phrase span START:END (repeatable); default: nlp phrases."),
     mode: str = typer.Option("noun-chunks", help="Phrase extractor mode when no --span is given."),
     min_size: Optional[int] = typer.Option(None, help="Test-time short side (default: the checkpoint's, 800)."),
@@ -44,11 +47,10 @@ def ground(
     device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Ground the phrases of CAPTION in IMAGE with a GLIP checkpoint."""
+    """Ground the phrases of CAPTION in IMAGE with a teacher."""
     from PIL import Image, UnidentifiedImageError
 
-    from model.checkpoint import CheckpointError
-    from model.predict import GLIPPredictor
+    from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
 
     if not image.is_file():
         raise typer.BadParameter(f"{image}: image file not found", param_hint="IMAGE")
@@ -68,16 +70,10 @@ def ground(
         typer.echo(f"no groundable phrase found in {caption!r}; give one with --span START:END", err=True)
         raise typer.Exit(code=2)
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        predictor = GLIPPredictor.from_checkpoint(
-            str(teacher), config=config, device=device, min_size=min_size, max_size=max_size,
-            score_agg=phrase_score.upper(),
-        )
-    except CheckpointError as exc:
+        source = inspect_teacher(teacher, config=config, min_size=min_size, max_size=max_size)
+        predictor = load_teacher(source, device=resolve_device(device), phrase_score=phrase_score)
+    except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
 
@@ -98,8 +94,7 @@ def ground(
             "height": picture.height,
             "caption": caption,
             "phrases": [{"phrase": caption[a:b], "span": [a, b]} for a, b in spans],
-            "teacher": {"checkpoint": predictor.checkpoint.name, "sha256": predictor.checkpoint.sha256,
-                        "variant": predictor.checkpoint.variant},
+            "teacher": source.to_dict(),
             "threshold": threshold,
             "detections": rows,
         }

@@ -1,18 +1,18 @@
-"""`pipeline pseudo-label`: a teacher GLIP grounds each image's parsed phrases; confident boxes
-become WebDataset training shards.
+"""`pipeline pseudo-label`: a teacher (GLIP, Grounding DINO or OWLv2: `pipeline.teachers`)
+grounds each image's parsed phrases; confident boxes become WebDataset training shards.
 
 For every input shard (img2dataset WebDataset: `{key}.jpg` + `{key}.txt`), with the
 phrases of the parse stage (`PHRASES/{shard}.parquet`, joined by key):
 1. a reader thread streams the tar, decodes each image (`pipeline.images.decode_rgb`: EXIF,
    modes, corrupt/tiny/bomb images skipped with a reason) while the model runs;
 2. images are grouped by aspect ratio (within a window of a few batches) and grounded in
-   batches of `--batch-size`, each with its own caption as the prompt (`GLIPPredictor`);
+   batches of `--batch-size`, each with its own caption as the prompt (`model.teacher.Teacher`);
 3. `OUT/detections/{shard}.parquet` gets every box above `--floor` for every sample
    (`pipeline.labels_io`), then `OUT/pseudo/{shard}.tar` the samples the filter policy keeps
    (source image bytes unchanged + the sample JSON of DESIGN.md). The tar is written last,
    atomically: it marks the shard done, and a re-run skips it.
 `OUT/_stats.json` (written last) has the counts, skip reasons with example keys, images/s, the
-teacher (file name, sha256, variant) and every setting.
+teacher (name, kind, sha256, variant, preprocessing) and every setting.
 
 The model is loaded once per Ray actor; `--num-gpus 1` gives each actor a GPU (`cuda`),
 otherwise actors run on the CPU with `--cpus-per-worker` torch threads.
@@ -47,6 +47,7 @@ from pipeline.shard_report import ShardReport, ShardTask
 from pipeline.shards import MemberTally, discover_shards
 from pipeline.stage import StageRun, run_stage
 from pipeline.stage_stats import print_summary as print_stage_summary
+from pipeline.teachers import TeacherSource, inspect_teacher, load_teacher
 
 STAGE = "pseudo-label"
 DETECTIONS = "detections"
@@ -80,19 +81,6 @@ class PseudoLabelConfig:
             raise ValueError(f"--phrase-score {self.phrase_score!r}: choose mean or max")
 
 
-def teacher_identity(path: str) -> dict[str, str]:
-    """Provenance of the teacher: file name, sha256 and variant (read from the checkpoint keys)."""
-    from model.checkpoint import detect_variant, drop_ignored_keys, file_sha256, read_checkpoint, strip_module_prefix
-
-    try:
-        local = storage.local_copy(path)  # object-store teachers are downloaded once per machine
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--teacher {path}: checkpoint not found") from None
-    state, metadata, _ = read_checkpoint(local)
-    variant = (metadata or {}).get("variant") or detect_variant(drop_ignored_keys(strip_module_prefix(state)))
-    return {"checkpoint": storage.basename(path), "sha256": file_sha256(local), "variant": str(variant)}
-
-
 @dataclass
 class _Item:
     """One input sample on its way through a shard."""
@@ -107,23 +95,18 @@ class _Item:
 class PseudoLabelWorker:
     """Grounds one shard per call; holds the teacher model for the actor's lifetime."""
 
-    def __init__(self, *, config: PseudoLabelConfig, teacher: dict[str, str]) -> None:
+    def __init__(self, *, config: PseudoLabelConfig, source: TeacherSource) -> None:
         import torch
-
-        from model.predict import GLIPPredictor
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-        self.predictor = GLIPPredictor.from_checkpoint(
-            storage.local_copy(config.teacher), config=config.config, device=device, min_size=config.min_size,
-            max_size=config.max_size, bf16=config.bf16 and device == "cuda", score_agg=config.phrase_score.upper(),
-        )
+        self.predictor = load_teacher(source, device=device, bf16=config.bf16, phrase_score=config.phrase_score)
         self.config = config
-        self.teacher = teacher
+        self.teacher = source.to_dict()
         self.metadata = {
             "stage": STAGE,
-            "teacher": json.dumps(teacher),
+            "teacher": json.dumps(self.teacher),
             "floor": str(config.floor),
             "phrase_score": config.phrase_score,
             "policy": json.dumps(config.policy.to_dict()),
@@ -285,7 +268,8 @@ def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | Non
     storage.ensure_writable_folder(config.out)
     if not storage.is_dir(config.phrases):
         raise FileNotFoundError(f"--phrases {config.phrases}: folder not found (the parse-captions output)")
-    teacher = teacher_identity(config.teacher)
+    source = inspect_teacher(config.teacher, config=config.config, min_size=config.min_size, max_size=config.max_size)
+    teacher = source.to_dict()
     for folder in (DETECTIONS,):
         _remove_temporaries(storage.join(config.out, folder))
     run = StageRun(
@@ -315,7 +299,7 @@ def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | Non
         run,
         shards=shards,
         inputs=config.inputs,
-        worker_factory=functools.partial(PseudoLabelWorker, config=config, teacher=teacher),
+        worker_factory=functools.partial(PseudoLabelWorker, config=config, source=source),
         read_done_report=functools.partial(read_done_report, out=config.out),
         settings=settings,
         versions={"teacher": json.dumps(teacher)},
@@ -384,9 +368,11 @@ _F = _filter_options()
 def pseudo_label_command(
     inputs: list[str] = typer.Argument(..., help="Image shards (img2dataset WebDataset .tar): files, globs or folders."),
     phrases: str = typer.Option(..., "--phrases", help="parse-captions output folder ({shard}.parquet per shard)."),
-    teacher: str = typer.Option(..., "--teacher", help="Teacher GLIP checkpoint (official or trained here)."),
+    teacher: str = typer.Option(
+        ..., "--teacher", help="GLIP checkpoint (official or trained here), or hf:FOLDER of a saved Grounding DINO / OWLv2."
+    ),
     out: str = typer.Option(..., "--out", help="Output folder: detections/, pseudo/, _stats.json."),
-    config: str = typer.Option("auto", "--config", help="auto (from the checkpoint) or glip-t, glip-t-a, glip-l, tiny."),
+    config: str = typer.Option("auto", "--config", help="GLIP: auto (from the checkpoint) or glip-t, glip-t-a, glip-l, tiny."),
     preset: str = _F["preset"],
     policy_file: Optional[str] = _F["policy_file"],
     min_score: Optional[float] = _F["min_score"],
@@ -411,7 +397,7 @@ def pseudo_label_command(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:
-    """Ground the parsed phrases of every image with a teacher GLIP; write detections and pseudo shards."""
+    """Ground the parsed phrases of every image with a teacher (GLIP, Grounding DINO, OWLv2); write detections and pseudo shards."""
     try:
         policy = policy_from_options(
             preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,

@@ -194,9 +194,44 @@ def local_copy(uri: str, *, cache_dir: str | None = None) -> str:
     folder = cache_dir or os.environ.get("GLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "glip-engine", "files")
     target = os.path.join(folder, f"{digest}-{basename(uri)}")
     if not os.path.isfile(target):
-        with atomic_writer(target) as handle, location.fs.open(location.path, "rb") as source:
-            while chunk := source.read(16 << 20):
-                handle.write(chunk)
+        _download(location.fs, location.path, target)
+    return target
+
+
+def _download(fs: AbstractFileSystem, path: str, destination: str) -> None:
+    with atomic_writer(destination) as handle, fs.open(path, "rb") as source:
+        while chunk := source.read(16 << 20):
+            handle.write(chunk)
+
+
+def local_folder_copy(uri: str, *, cache_dir: str | None = None) -> str:
+    """A local folder holding the folder `uri` (a saved model): local paths as they are;
+    object-store folders are downloaded once per machine, file by file through `local_copy`'s
+    atomic renames, into a folder named after the URI and its files' sizes and tags."""
+    import hashlib
+
+    location = resolve(uri)
+    if location.is_local:
+        if not os.path.isdir(location.path):
+            raise FileNotFoundError(f"{uri}: folder not found")
+        return location.path
+    found = location.fs.find(location.path, detail=True)
+    files = {path: info for path, info in found.items() if info.get("type") != "directory"}
+    if not files:
+        raise FileNotFoundError(f"{uri}: folder not found or empty")
+    root = location.path.rstrip("/")
+    listing = "|".join(
+        f"{path}:{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('mtime') or ''}"
+        for path, info in sorted(files.items())
+    )
+    digest = hashlib.sha256(f"{uri}|{listing}".encode()).hexdigest()[:16]
+    folder = cache_dir or os.environ.get("GLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "glip-engine", "files")
+    target = os.path.join(folder, f"{digest}-{basename(uri)}")
+    for path in sorted(files):
+        relative = path[len(root):].lstrip("/")
+        destination = os.path.join(target, *relative.split("/"))
+        if not os.path.isfile(destination):
+            _download(location.fs, path, destination)
     return target
 
 

@@ -32,3 +32,15 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         raise FileNotFoundError(f"GLIP reference folder not found: {REFERENCE} (set GLIP_SHARED_DIR)")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def hf_teachers(tmp_path_factory) -> dict[str, Path]:
+    """kind -> folder of a tiny random Grounding DINO / OWLv2 saved with `save_pretrained`."""
+    from tests.hf_fixtures import save_tiny_grounding_dino, save_tiny_owlv2
+
+    root = tmp_path_factory.mktemp("hf_teachers")
+    return {
+        "grounding-dino": save_tiny_grounding_dino(root / "tiny-grounding-dino"),
+        "owlv2": save_tiny_owlv2(root / "tiny-owlv2"),
+    }

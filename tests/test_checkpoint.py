@@ -10,6 +10,8 @@ import torch
 from model.checkpoint import (
     CheckpointError,
     detect_variant,
+    file_sha256,
+    inspect_checkpoint,
     load_glip,
     read_checkpoint,
     save_glip,
@@ -108,6 +110,28 @@ def test_wrong_variant_is_refused(tmp_path, tiny_model):
     torch.save(_official_layout(tiny_model), path)
     with pytest.raises(CheckpointError, match="missing"):
         load_glip(path, config="glip-t-a")
+
+
+def test_inspect_checkpoint_once_per_job_then_load_without_rehashing(tmp_path, tiny_model):
+    import dataclasses
+
+    path = save_glip(tiny_model, tmp_path / "tiny.pth")
+    info = inspect_checkpoint(path)
+    assert (info.variant, info.sha256, info.config.name) == ("tiny", file_sha256(path), "tiny")
+    assert info.metadata["variant"] == "tiny"
+    official = tmp_path / "official.pth"
+    torch.save(_official_layout(tiny_model), official)
+    # --config names the variant of an official file (its layout alone matches no official variant).
+    assert inspect_checkpoint(official, config="tiny").variant == "tiny"
+    with pytest.raises(CheckpointError, match="patch embedding width"):
+        inspect_checkpoint(official)
+    with pytest.raises(CheckpointError, match="official.pth: does not fit the model"):
+        inspect_checkpoint(official, config="glip-t-a")  # refused before any weights are loaded
+    # Workers load with the driver's info: its configuration and its hash (the file is not hashed again).
+    stamped = dataclasses.replace(info, sha256="f" * 64)
+    model, loaded = load_glip(path, config="glip-l", info=stamped)
+    assert loaded is stamped
+    _assert_same_weights(model, tiny_model)
 
 
 def test_truncated_and_non_checkpoint_files(tmp_path, tiny_model):

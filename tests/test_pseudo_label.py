@@ -279,3 +279,39 @@ def test_show_export_and_stats(labelled, tmp_path):
 
     result = CliRunner().invoke(app, ["stats", str(labelled)])
     assert result.exit_code == 0 and "skipped: too_large" in result.output and "samples_per_s" in result.output
+
+
+def test_pseudo_label_with_a_grounding_dino_teacher(world, phrases, hf_teachers, tmp_path, ray_local):
+    """The whole stage with `--teacher hf:FOLDER`: every sample accounted for, the teacher's
+    identity in every pseudo sample, and `filter` re-applying a preset to its scores."""
+    folder = hf_teachers["grounding-dino"]
+    out = tmp_path / "gdino"
+    result = CliRunner().invoke(app, [
+        "pseudo-label", str(world["shards"]), "--phrases", str(phrases), "--teacher", f"hf:{folder}", "--out", str(out),
+        "--batch-size", "3", "--workers", "1", "--preset", "owlst",
+    ])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["samples"] == 22 and stats["shards"]["written"] == 3
+    teacher = json.loads(stats["versions"]["teacher"])
+    assert teacher["kind"] == "grounding-dino" and teacher["checkpoint"] == folder.name
+    assert teacher["sha256"] == file_sha256(folder / "model.safetensors")
+    source = _source_samples(world["shards"])
+    seen = 0
+    for shard in ("00000", "00001", "00002"):
+        rows = {row.key: row for row in read_detections(str(out / "detections" / f"{shard}.parquet"))[0]}
+        for key, ext, image, sample in iter_pseudo_samples(str(out / "pseudo" / f"{shard}.tar")):
+            seen += 1
+            assert image == source[key][ext] and sample["teacher"] == teacher
+            assert len(sample["grounding"]["regions"]) == len(filter_row(rows[key], get_preset("owlst"))) > 0
+            for region in sample["grounding"]["regions"]:
+                (start, end), = region["tokens_positive"]
+                assert sample["grounding"]["caption"][start:end] == region["phrase"]
+                x0, y0, x1, y1 = region["bbox"]
+                assert 0 <= x0 < x1 <= sample["width"] and 0 <= y0 < y1 <= sample["height"]
+    assert seen == stats["written"] > 0
+    strict = tmp_path / "gdino-grit"
+    result = CliRunner().invoke(app, ["filter", str(world["shards"]), "--detections", str(out), "--out", str(strict), "--preset", "grit"])
+    assert result.exit_code == 0, result.output
+    kept = [s for shard in ("00000", "00001", "00002") for *_, s in iter_pseudo_samples(str(strict / "pseudo" / f"{shard}.tar"))]
+    assert all(s["teacher"] == teacher and all(r["score"] > 0.65 for r in s["grounding"]["regions"]) for s in kept)
