@@ -92,6 +92,7 @@ class DemoProgress:
     def __init__(self, total: int) -> None:
         self.total, self.step, self.started = total, 0, time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.earlier: dict[str, float] = {}  # stages skipped on --resume, with their recorded seconds
         self._mark = self.started
         self._name = ""
 
@@ -100,6 +101,15 @@ class DemoProgress:
         self.step += 1
         self._name, self._mark = name, time.perf_counter()
         print(f"demo [{self.step}/{self.total}] {name} (elapsed {time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
+
+    def skip(self, name: str, seconds: float) -> None:
+        """A stage finished by an earlier, interrupted run (`--resume`): its time is that run's."""
+        self._finish()
+        self.step += 1
+        self._name = ""
+        self.timings[name] = seconds
+        self.earlier[name] = seconds
+        print(f"demo [{self.step}/{self.total}] {name}: done by an earlier run, skipped", file=sys.stderr, flush=True)
 
     def _finish(self) -> None:
         if self._name:
@@ -152,7 +162,10 @@ def _train(
         freeze_text=True,
         **options,
     )
-    outcome = run_training(config)
+    try:
+        outcome = run_training(config)
+    except FileExistsError:  # `out` holds the run a killed demo was training: continue it (--resume)
+        outcome = run_training(config, resume=True)
     stats = json.loads((out / "_stats.json").read_text())
     rate = stats.get("samples_per_s")
     return {
@@ -181,92 +194,164 @@ def _evaluate(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dic
 
 def run_demo(
     out: Path, *, size: str = "default", seed: int = 0, preset: str = "glip", control: bool = True,
-    recipe: StudentRecipe | None = None,
+    recipe: StudentRecipe | None = None, rounds: int = 1, resume: bool = False,
 ) -> dict:
     """Run the loop in `out`; returns the report dict (also written as report.json/html).
-    `recipe` overrides the schedule's student recipe."""
+    `recipe` overrides the schedule's student recipe; `rounds` > 1 runs the loop again with
+    each round's student as the next teacher; `resume` goes on with the run `out` holds."""
     from pipeline.cluster import init_ray, shutdown_ray
+    from pipeline.demo_state import DemoState
 
     if size not in SCHEDULES:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(SCHEDULES)}")
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
     schedule = SCHEDULES[size] if recipe is None else replace(SCHEDULES[size], recipe=recipe)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    progress = DemoProgress(total=9 if control else 8)
+    state = DemoState(out, _resume_settings(size=size, seed=seed, preset=preset, control=control, schedule=schedule), resume=resume)
+    progress = DemoProgress(total=_stage_count(rounds, control))
     started_ray = init_ray(None, include_dashboard=True)  # one embedded Ray for every stage
     try:
-        runs = _run_stages(out, size=size, seed=seed, preset=preset, control=control, schedule=schedule, progress=progress)
+        runs = _run_stages(
+            out, size=size, seed=seed, preset=preset, control=control, schedule=schedule, progress=progress, rounds=rounds, state=state
+        )
     finally:
         shutdown_ray(started_ray)
     seconds = progress.done()
     report = _report(runs, size=size, seed=seed, preset=preset, schedule=schedule, progress=progress, seconds=seconds)
+    report.update(_loop_sections(runs, progress=progress, seconds=seconds))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
     return report
 
 
-def _run_stages(out: Path, *, size: str, seed: int, preset: str, control: bool, schedule: DemoSchedule, progress) -> dict:
-    """Every stage of the loop, in order; returns what the report is made of."""
-    from pipeline.filtering import get_preset
+# Stages before the rounds (world, decontaminate, teacher, parse-captions), then per round
+# pseudo-label, filter, calibrate, student, [control], eval; then the report.
+def _stage_count(rounds: int, control: bool) -> int:
+    return 4 + rounds * (5 + int(control)) + 1
+
+
+def _resume_settings(*, size: str, seed: int, preset: str, control: bool, schedule: DemoSchedule) -> dict:
+    """What a `--resume` must find unchanged (everything but the number of rounds)."""
+    from pipeline.demo_calibration import DemoCalibration
+    from pipeline.demo_decontamination import DEMO_MAX_DISTANCE
+
+    return {
+        "size": size, "seed": seed, "preset": preset, "control": control, "schedule": asdict(schedule),
+        "world": asdict(SIZES[size]), "calibration": asdict(DemoCalibration()), "decontaminate_max_distance": DEMO_MAX_DISTANCE,
+    }
+
+
+def _run_stages(
+    out: Path, *, size: str, seed: int, preset: str, control: bool, schedule: DemoSchedule, progress, rounds: int = 1, state,
+) -> dict:
+    """Every stage of the loop, in order; returns what the report is made of: round 1's
+    results at the top (the report's main tables) and every round's under "rounds"."""
+    from pipeline.demo_decontamination import decontaminate_web
     from pipeline.inspect_labels import write_gallery
     from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
-    from pipeline.pseudo_label import PseudoLabelConfig, run_pseudo_label
     from pipeline.train_data import SourceSpec
+    from pipeline.world import world_paths
 
-    recipe = schedule.recipe
-    progress.begin("world")
-    paths = write_world(out / "world", size=size, seed=seed)
+    state.run("world", progress, lambda: str(write_world(out / "world", size=size, seed=seed).root))
+    paths = world_paths(out / "world")
+    # The test split's copies leave the web split before anything reads it; every later stage
+    # reads the cleaned shards.
+    decontamination = state.run(
+        "decontaminate the web shards against the test images", progress, lambda: decontaminate_web(paths, out / "web_clean")
+    )
+    shards = str(out / "web_clean")
     gold = [
         SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
         SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
     ]
-    progress.begin("train teacher on gold")
-    teacher = _train(out / "teacher", gold, schedule, schedule.teacher_steps, seed)
+    teacher = state.run("train teacher on gold", progress, lambda: _train(out / "teacher", gold, schedule, schedule.teacher_steps, seed))
+    parse_stats = state.run(
+        "parse-captions", progress, lambda: run_parse_captions(ParseCaptionsConfig(inputs=(shards,), out=str(out / "phrases")))
+    )
+    done: list[dict] = []
+    for number in range(1, rounds + 1):
+        previous = done[-1] if done else None
+        done.append(
+            _run_round(
+                out, number, teacher=teacher if previous is None else previous["arms"]["student"],
+                teacher_metrics=None if previous is None else previous["models"]["student"], shards=shards, paths=paths, gold=gold,
+                schedule=schedule, seed=seed, preset=preset, control=control, progress=progress, state=state,
+            )
+        )
+    progress.begin("report")
+    for run in done:
+        folder = out / run["folder"]
+        write_gallery(str(folder / "filtered" / preset), folder / "gallery", n=schedule.gallery,
+                      title=f"pseudo-labels ({preset}, round {run['round']})")
+    return {**done[0], "parse_stats": parse_stats, "decontamination": decontamination, "rounds": done}
 
-    progress.begin("parse-captions")
-    parse_stats = run_parse_captions(ParseCaptionsConfig(inputs=(str(paths.web_shards),), out=str(out / "phrases")))
 
-    progress.begin("pseudo-label")
-    label_stats = run_pseudo_label(
+def _run_round(
+    out: Path, number: int, *, teacher: dict, teacher_metrics: dict | None, shards: str, paths: WorldPaths, gold: list,
+    schedule: DemoSchedule, seed: int, preset: str, control: bool, progress, state,
+) -> dict:
+    """One round of the loop with `teacher` (round 1: the gold-trained teacher; round k: round
+    k-1's student) in its own folder (round 1: `out` itself, round k: `out/round_k`): pseudo-label,
+    filter with every preset, calibrate, the student and the control from the teacher's weights
+    (seed + k), eval. `teacher_metrics`: the teacher's eval when an earlier round made it."""
+    from pipeline.demo_calibration import calibrate_on_part
+    from pipeline.filtering import get_preset
+    from pipeline.pseudo_label import PseudoLabelConfig, run_pseudo_label
+    from pipeline.train_data import SourceSpec
+
+    folder = out if number == 1 else out / f"round_{number}"
+    recipe = schedule.recipe
+
+    def stage(name: str) -> str:
+        return name if number == 1 else f"round {number}: {name}"
+
+    label_stats = state.run(stage("pseudo-label"), progress, lambda: run_pseudo_label(
         PseudoLabelConfig(
-            inputs=(str(paths.web_shards),), phrases=str(out / "phrases"), teacher=teacher["checkpoint"],
-            out=str(out / "pseudo_label"), policy=get_preset(preset), min_size=schedule.test_min_size,
+            inputs=(shards,), phrases=str(out / "phrases"), teacher=teacher["checkpoint"],
+            out=str(folder / "pseudo_label"), policy=get_preset(preset), min_size=schedule.test_min_size,
             max_size=schedule.max_size, batch_size=4, phrase_score=recipe.phrase_score,
         )
+    ))
+    presets, curves = state.run(
+        stage("filter (every preset) and pseudo-label quality"), progress,
+        lambda: _filter_every_preset(folder, paths, shards=shards, assign=recipe.assign),
     )
-    progress.begin("filter (every preset) and pseudo-label quality")
-    presets, curves = _filter_every_preset(out, paths, assign=recipe.assign)
-
-    progress.begin(f"train student on gold + pseudo ({preset})")
+    calibration = state.run(stage("calibrate on part of the web gold, filter the rest"), progress, lambda: calibrate_on_part(
+        shards=shards, detections=str(folder / "pseudo_label"), web_gold=paths.web_gold, out=folder / "calibration",
+        filtered={name: str(folder / "filtered" / name) for name in PRESET_NAMES}, seed=seed,
+    ))
     student_sources = list(gold)
     if presets[preset]["images"]:
-        pseudo_folder = str(out / "filtered" / preset / "pseudo")
-        student_sources.append(SourceSpec(kind="pseudo", paths=(pseudo_folder,), weight=recipe.pseudo_weight))
+        student_sources.append(SourceSpec(kind="pseudo", paths=(str(folder / "filtered" / preset / "pseudo"),), weight=recipe.pseudo_weight))
     else:  # a teacher whose scores all stay under the preset's threshold (e.g. --size small)
         print(f"demo: the {preset} preset kept no pseudo-label (every teacher score is under its threshold); "
               "the student trains on gold only", flush=True)
     arms = {"teacher": teacher}
-    arms["student"] = _train(
-        out / "student", student_sources, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"], recipe=recipe
-    )
+    arms["student"] = state.run(stage(f"train student on gold + pseudo ({preset})"), progress, lambda: _train(
+        folder / "student", student_sources, schedule, schedule.student_steps, seed + number, init=teacher["checkpoint"], recipe=recipe
+    ))
     if control:
-        progress.begin("train control: teacher + the same steps, augmentation and gold, no pseudo-labels")
-        arms["control"] = _train(
-            out / "control", gold, schedule, schedule.student_steps, seed + 1, init=teacher["checkpoint"], recipe=recipe
+        arms["control"] = state.run(
+            stage("train control: teacher + the same steps, augmentation and gold, no pseudo-labels"), progress,
+            lambda: _train(folder / "control", gold, schedule, schedule.student_steps, seed + number, init=teacher["checkpoint"], recipe=recipe),
         )
 
-    progress.begin("eval on the test split")
-    models = {name: _evaluate(run["checkpoint"], paths, schedule) for name, run in arms.items()}
+    def evaluate_arms() -> dict:
+        return {
+            name: teacher_metrics if name == "teacher" and teacher_metrics is not None else _evaluate(run["checkpoint"], paths, schedule)
+            for name, run in arms.items()
+        }
 
-    progress.begin("report")
-    write_gallery(str(out / "filtered" / preset), out / "gallery", n=schedule.gallery, title=f"pseudo-labels ({preset})")
+    models = state.run(stage("eval on the test split"), progress, evaluate_arms)
     return {
-        "models": models, "arms": arms, "presets": presets, "curves": curves,
-        "parse_stats": parse_stats, "label_stats": label_stats, "pseudo_sources": len(student_sources) > len(gold),
+        "round": number, "folder": str(folder.relative_to(out)), "models": models, "arms": arms, "presets": presets,
+        "curves": curves, "calibration": calibration, "label_stats": label_stats, "pseudo_sources": len(student_sources) > len(gold),
     }
 
 
-def _filter_every_preset(out: Path, paths: WorldPaths, *, assign: str = "none") -> tuple[dict, dict]:
+def _filter_every_preset(out: Path, paths: WorldPaths, *, shards: str, assign: str = "none") -> tuple[dict, dict]:
     """`filter` the stored detections with each preset; rate each against the web split's
     hidden gold (class-agnostic, IoU 0.5), with its precision-recall curve over score thresholds."""
     from pipeline.demo_report import pr_curve
@@ -280,7 +365,7 @@ def _filter_every_preset(out: Path, paths: WorldPaths, *, assign: str = "none") 
         folder = out / "filtered" / name
         policy = get_preset(name).with_overrides(assign=None if assign == "none" else assign)
         filter_stats = run_filter(
-            FilterConfig(inputs=(str(paths.web_shards),), detections=str(out / "pseudo_label"), out=str(folder), policy=policy)
+            FilterConfig(inputs=(shards,), detections=str(out / "pseudo_label"), out=str(folder), policy=policy)
         )
         predictions = pseudo_predictions(web_gold, [str(folder / "pseudo")])
         quality = score_boxes(web_gold, predictions, class_agnostic=True)
@@ -343,8 +428,34 @@ def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSche
         "stage_seconds": progress.timings,
         "total_seconds": round(seconds, 1),
     }
-    report["charts"] = {"ap": ap_chart(models), "pr": pr_chart(runs["curves"], presets)}
+    report["charts"] = {"ap": ap_chart(models), "pr": pr_chart(runs["curves"], presets, runs["calibration"])}
     return report
+
+
+def _loop_sections(runs: dict, *, progress, seconds: float) -> dict:
+    """The report's sections on decontamination, calibration and rounds (see `_run_stages`)."""
+    from pipeline.demo_report import AP_SUMMARY
+
+    rounds = []
+    for run in runs["rounds"]:
+        models = run["models"]
+        rounds.append({
+            "round": run["round"],
+            "folder": run["folder"],
+            "teacher_checkpoint": run["arms"]["teacher"]["checkpoint"],
+            "models": {name: {key: m[key] for key in AP_SUMMARY} for name, m in models.items()},
+            "student_minus_control": _gap(models, "AP", "student", "control"),
+            "student_minus_teacher": _gap(models, "AP", "student", "teacher"),
+            "pseudo_labels": run["presets"],
+            "calibration": run["calibration"],
+        })
+    return {
+        "decontamination": runs["decontamination"],
+        "calibration": runs["calibration"],
+        "rounds": rounds,
+        "resumed_stages": sorted(progress.earlier),
+        "total_seconds": round(seconds + sum(progress.earlier.values()), 1),
+    }
 
 
 def demo_command(
@@ -363,6 +474,8 @@ def demo_command(
     augment: Optional[str] = typer.Option(None, "--augment", help="weak or strong, for student and control alike."),
     phrase_score: Optional[str] = typer.Option(None, "--phrase-score", help="The teacher's phrase scores: mean or max."),
     assign: Optional[str] = typer.Option(None, "--assign", help="The filter's phrase matching: none or caption."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Rounds of the loop: round k's teacher is round k-1's student."),
+    resume: bool = typer.Option(False, "--resume", help="Go on with the interrupted (or finished) demo in --out: skip its finished rounds and stages."),
 ) -> None:
     """Run the whole self-training loop on an embedded world: teacher, student and gold-only control.
 
@@ -370,10 +483,20 @@ def demo_command(
     (the README's ablation table is made of such runs), e.g.
 
         pipeline demo --out runs/weak --augment weak
+
+    Two rounds (round 2's teacher is round 1's student), and going on after an interruption:
+
+        pipeline demo --out runs/r2 --rounds 2
+
+        pipeline demo --out runs/r2 --rounds 2 --resume
     """
-    if out.exists() and any(out.iterdir()):
+    if resume and overwrite:
+        print("error: --resume and --overwrite exclude each other", file=sys.stderr)
+        raise typer.Exit(code=2)
+    if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
-            print(f"error: --out {out} is not empty: give a new folder, or --overwrite to replace the earlier demo", file=sys.stderr)
+            print(f"error: --out {out} is not empty: give a new folder, --resume to go on with it, or --overwrite to replace "
+                  "the earlier demo", file=sys.stderr)
             raise typer.Exit(code=2)
         if not (out / "world").is_dir():
             print(f"error: --out {out} does not hold a demo run: not overwriting it", file=sys.stderr)
@@ -389,8 +512,13 @@ def demo_command(
     }
     base = SCHEDULES.get(size, SCHEDULES["default"]).recipe
     recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    from pipeline.demo_state import DemoResumeError
+
     try:
-        report = run_demo(out, size=size, seed=seed, preset=preset, control=control, recipe=recipe)
+        report = run_demo(out, size=size, seed=seed, preset=preset, control=control, recipe=recipe, rounds=rounds, resume=resume)
+    except DemoResumeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(code=2) from None
     except (ValueError, TrainDataError, TrainingInterrupted, FileNotFoundError) as error:
         print(f"error: demo stopped: {error}", file=sys.stderr)
         raise typer.Exit(code=1) from None
@@ -399,6 +527,26 @@ def demo_command(
         f"{name} AP {100 * m['AP']:.1f} (tail {100 * max(m['AP_tail'], 0):.1f})" for name, m in models.items()
     )
     print(f"demo: {arms}; report: {out / 'report.html'} ({report['total_seconds']:.0f} s)")
+    _print_loop_sections(report)
     control_gap = f"student - control {gaps['student_minus_control']:+.1f} AP, " if "control" in models else ""
     print(f"demo: {control_gap}student - teacher {gaps['student_minus_teacher']:+.1f} AP")
 
+
+
+def _print_loop_sections(report: dict) -> None:
+    """One line each on decontamination, calibration and every later round."""
+    clean = report["decontamination"]
+    print(f"demo: decontaminate: {clean['found']}/{clean['injected']} copies of test images found, "
+          f"{clean['false_matches']} other web images dropped (--max-distance {clean['max_distance']})")
+    calibration = report["calibration"]
+    if "refused" in calibration:
+        print(f"demo: calibrate: refused: {calibration['refused']}")
+    else:
+        low, high = calibration["sample"]["precision_interval"]
+        print(f"demo: calibrate: target precision {calibration['settings']['target_precision']}, "
+              f"{calibration['sample']['precision']:.3f} [{low:.3f}, {high:.3f}] on the sample, "
+              f"{calibration['calibrated_on_rest']['precision50']:.3f} on the rest "
+              f"({'inside' if calibration['inside_interval'] else 'OUTSIDE'} the interval)")
+    for entry in report["rounds"][1:]:
+        arms = ", ".join(f"{name} AP {100 * m['AP']:.1f}" for name, m in entry["models"].items())
+        print(f"demo: round {entry['round']}: {arms}")

@@ -16,6 +16,7 @@ import numpy as np
 
 ARMS = ("teacher", "student", "control")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+AP_SUMMARY = ("AP", "AP50", "AP_base", "AP_tail")  # per arm and round in the rounds table
 PR_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
@@ -64,9 +65,10 @@ def ap_chart(models: dict[str, dict]) -> str:
         plt.close(figure)
 
 
-def pr_chart(curves: dict[str, list[dict]], chosen: dict[str, dict]) -> str:
+def pr_chart(curves: dict[str, list[dict]], chosen: dict[str, dict], calibration: dict | None = None) -> str:
     """Precision against recall of each preset's teacher boxes over score thresholds; a marker
-    for what each preset actually kept."""
+    for what each preset actually kept; and, when given, the calibrated policy: its precision
+    target, the interval its sample gave and what it reached on the rest of the web split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,6 +80,11 @@ def pr_chart(curves: dict[str, list[dict]], chosen: dict[str, dict]) -> str:
         if name in chosen:
             axes.scatter([chosen[name]["recall50"]], [chosen[name]["precision50"]], s=80, marker="*", color=line[0].get_color(),
                          zorder=3, label=f"{name} as filtered")
+    if calibration and "calibrated_on_rest" in calibration:
+        rest, (low, high) = calibration["calibrated_on_rest"], calibration["sample"]["precision_interval"]
+        axes.axhline(calibration["settings"]["target_precision"], color="grey", linewidth=0.8, linestyle=":", label="calibration target")
+        axes.errorbar([rest["recall50"]], [rest["precision50"]], yerr=[[max(rest["precision50"] - low, 0)], [max(high - rest["precision50"], 0)]],
+                      fmt="D", color="black", capsize=3, zorder=4, label="calibrated, on the rest (sample's interval)")
     axes.set_xlabel("recall (IoU 0.5)")
     axes.set_ylabel("precision")
     axes.set_xlim(0, 1)
@@ -104,6 +111,76 @@ def _headline(gaps: dict) -> str:
         return teacher[0].upper() + teacher[1:] + "."
     return (f"Student - control: <b>{gaps['student_minus_control']:+.1f} AP</b>; {teacher} "
             f"(tail kinds: student - control {gaps['tail_student_minus_control']:+.1f} AP).")
+
+
+def _decontamination_html(clean: dict) -> str:
+    kinds = ", ".join(f"{kind} {v['found']}/{v['injected']}" for kind, v in clean["by_kind"].items() if v["injected"])
+    missed = ", ".join(f"{m['key']} ({m['kind']} of {m['test_image']})" for m in clean["missed"]) or "none"
+    false = ", ".join(f"{m['web_key']} (like {m['eval_image']}, {m['distances'][0]}/{m['distances'][1]} bits)" for m in clean["false_match_list"])
+    return (
+        "<h2>Decontamination: test images in the web split</h2>"
+        f"<p>The web split hides <b>{clean['injected']}</b> copies of test images (resized, recompressed, 10%-cropped, mirrored). "
+        f"<code>pipeline decontaminate</code> (pHash + dHash, at most {clean['max_distance']} bits apart on both) against the "
+        f"{clean['eval_images'] or 'test'} test images found <b>{clean['found']}</b> of them before pseudo-labelling ({html.escape(kinds)}) "
+        f"and dropped <b>{clean['false_matches']}</b> other web images by mistake"
+        f"{' (' + html.escape(false) + ')' if false else ''}; {clean['kept']} of {clean['web_samples']} web samples went on. "
+        f"Copies left in (pseudo-labelled with the rest): {html.escape(missed)}. The world's flat images are the hashes' weak "
+        "case: see the README for the distance chosen.</p>"
+    )
+
+
+def _calibration_html(calibration: dict, presets: dict) -> str:
+    settings = calibration["settings"]
+    head = (f"<h2>Calibrated filter: <code>pipeline calibrate</code> on {100 * settings['fraction']:.0f}% of the web gold</h2>"
+            f"<p>Target: precision <b>{settings['target_precision']}</b> (box scope, class-agnostic, IoU 0.5), the sample to "
+            f"support +-{settings['margin']}. ")
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{r['boxes']}</td><td>{_pct(r['precision50'])}</td><td>{_pct(r['recall50'])}</td></tr>"
+        for name, r in calibration["rest"].items()
+    )
+    if "refused" in calibration:
+        return head + f"Calibration <b>refused</b>: {html.escape(calibration['refused'])}</p>" + (
+            "<p>The presets on the same held-out images:</p><table><tr><th>preset</th><th>boxes</th><th>precision</th>"
+            f"<th>recall</th></tr>{rows}</table>")
+    sample, rest, policy = calibration["sample"], calibration["calibrated_on_rest"], calibration["policy"]
+    nms = "none" if policy["nms_iou"] is None else f"{policy['nms_scope']}:{policy['nms_iou']}"
+    low, high = sample["precision_interval"]
+    verdict = "inside" if calibration["inside_interval"] else "<b>outside</b>"
+    return head + (
+        f"Chosen on {sample['images']} images: min_score {policy['min_score']}, NMS {nms}; precision there "
+        f"{_pct(sample['precision'])} (95% bootstrap interval {_pct(low)}-{_pct(high)}), recall {_pct(sample['recall'])}. "
+        f"On the other {rest['gold_images']} web images: precision <b>{_pct(rest['precision50'])}</b>, {verdict} the interval, "
+        f"recall {_pct(rest['recall50'])}.</p>"
+        "<table><tr><th>policy (on the held-out images)</th><th>boxes</th><th>precision</th><th>recall</th></tr>"
+        f"<tr><th>calibrated</th><td>{rest['boxes']}</td><td>{_pct(rest['precision50'])}</td><td>{_pct(rest['recall50'])}</td></tr>"
+        f"{rows}</table><p>(A report section: the student trains on its preset's pseudo-labels.)</p>"
+    )
+
+
+def _rounds_html(rounds: list[dict], preset: str) -> str:
+    rows = ""
+    for entry in rounds:
+        models = entry["models"]
+        for name in ARMS:
+            if name not in models:
+                continue
+            m = models[name]
+            rows += f"<tr><th>{entry['round']}</th><th>{name}</th>" + "".join(f"<td>{_pct(m[k])}</td>" for k in AP_SUMMARY)
+            if name == "teacher":
+                labels = entry["pseudo_labels"][preset]
+                calibrated = entry["calibration"].get("calibrated_on_rest")
+                rows += (f"<td>{_pct(labels['precision50'])} / {_pct(labels['recall50'])}</td>"
+                         f"<td>{_pct(calibrated['precision50']) + ' / ' + _pct(calibrated['recall50']) if calibrated else 'refused'}</td>")
+            else:
+                rows += "<td></td><td></td>"
+            rows += "</tr>"
+    return (
+        "<h2>Rounds: each round's student is the next round's teacher</h2>"
+        f"<table><tr><th>round</th><th>model</th>{''.join(f'<th>{k}</th>' for k in AP_SUMMARY)}"
+        f"<th>its pseudo-labels ({html.escape(preset)}): precision / recall</th><th>calibrated, on the rest</th></tr>{rows}</table>"
+        "<p>Round k's student and control start from round k's teacher, with the same steps, augmentation and gold; "
+        "round k (k &gt; 1) is in <code>round_k/</code>.</p>"
+    )
 
 
 def render_html(report: dict) -> str:
@@ -145,6 +222,9 @@ augmentation and the same gold, without the pseudo-labels. Student recipe: {reci
 <h2>What the world's gold lacks</h2><p>{html.escape(world)}</p>
 <h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
 <table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>
+{_decontamination_html(report['decontamination'])}
+{_calibration_html(report['calibration'], report['pseudo_labels'])}
+{_rounds_html(report['rounds'], report['preset'])}
 <h2>Throughput</h2><table>{_rows(report['throughput'].items())}</table>
 <h2>Stage times (s)</h2><table>{_rows(report['stage_seconds'].items())}</table>
 <h2>Pseudo-labelled images</h2><p><a href="gallery/index.html">gallery/index.html</a></p>

@@ -24,6 +24,14 @@ loop learnt from captions alone (GLIP's LVIS-rare gain, OWL-ST's APr gain).
   `{key}.json`) and, kept aside, `web/web_gold.json` (COCO, image id = int(key)) to measure
   pseudo-label precision/recall;
 - test: `test/images/*.jpg` and `test/instances.json`.
+
+The web split also holds `test_copies` copies of test images (`web/test_copies.json` lists
+them: key, test image, kind), as web crawls hold copies of benchmark images: resized,
+recompressed, cropped by 10% and mirrored ones in turn, each with its test image's caption,
+appended to the shards in turn. They are not in `web_gold.json` (their gold is the test
+split's); `pipeline decontaminate` is to remove them before pseudo-labelling. They come from
+their own random stream, so every other image, caption and box is what the same seed gives
+without them.
 """
 
 from __future__ import annotations
@@ -62,12 +70,13 @@ class WorldSize:
     test: int
     image_side: tuple[int, int] = (128, 160)  # long side drawn from this range (small: fast CPU training)
     object_scale: float = 1.0  # object radii relative to the image's long side / 224
+    test_copies: int = 0  # copies of test images hidden in the web shards
 
 
 SIZES = {
-    "small": WorldSize(gold=24, web=32, web_shards=2, test=16),
-    "default": WorldSize(gold=160, web=640, web_shards=8, test=100),
-    "large": WorldSize(gold=640, web=1920, web_shards=16, test=400),
+    "small": WorldSize(gold=24, web=32, web_shards=2, test=16, test_copies=4),
+    "default": WorldSize(gold=160, web=640, web_shards=8, test=100, test_copies=8),
+    "large": WorldSize(gold=640, web=1920, web_shards=16, test=400, test_copies=16),
 }
 
 
@@ -81,6 +90,7 @@ class WorldPaths:
     web_gold: Path
     test_images: Path
     test_coco: Path
+    web_test_copies: Path  # which web samples are copies of test images (not part of the web gold)
 
 
 @dataclass
@@ -257,9 +267,9 @@ def _coco_boxes(objects: list[_Object], image_id: int, next_id: int) -> list[dic
     return anns
 
 
-def _jpeg(image: Image.Image) -> bytes:
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -272,20 +282,60 @@ def _split(rng: np.random.Generator, count: int, spec: WorldSize, first_id: int,
         yield first_id + offset, image, objects, caption, spans
 
 
-def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPaths:
-    """Write the three splits under `out` (see the module doc); same seed, same bytes."""
-    if size not in SIZES:
-        raise ValueError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
-    spec = SIZES[size]
-    root = Path(out)
-    paths = WorldPaths(
+COPY_KINDS = ("resize", "recompress", "crop", "flip")
+
+
+def copy_of(image: Image.Image, kind: str, rng: np.random.Generator) -> bytes:
+    """A web copy of an image, as JPEG: resized (0.5-0.7x or 1.2-1.5x), recompressed (quality
+    30-60), cropped to 90% of each side at a random position, or mirrored."""
+    width, height = image.size
+    if kind == "resize":
+        scale = float(rng.uniform(0.5, 0.7) if rng.random() < 0.5 else rng.uniform(1.2, 1.5))
+        return _jpeg(image.resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC))
+    if kind == "recompress":
+        return _jpeg(image, quality=int(rng.integers(30, 61)))
+    if kind == "crop":
+        crop_w, crop_h = round(width * 0.9), round(height * 0.9)
+        x, y = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+        return _jpeg(image.crop((x, y, x + crop_w, y + crop_h)))
+    if kind == "flip":
+        return _jpeg(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    raise ValueError(f"unknown copy kind {kind!r}; choose one of {', '.join(COPY_KINDS)}")
+
+
+def _add_web_sample(tar: tarfile.TarFile, key: str, jpeg: bytes, caption: str) -> None:
+    width, height = Image.open(io.BytesIO(jpeg)).size
+    meta = {"key": key, "caption": caption, "width": width, "height": height}
+    for name, data in ((f"{key}.jpg", jpeg), (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps(meta).encode())):
+        member = tarfile.TarInfo(name)
+        member.size, member.mtime, member.mode = len(data), 0, 0o644
+        tar.addfile(member, io.BytesIO(data))
+
+
+def world_paths(root: str | Path) -> WorldPaths:
+    """Where `write_world(root, ...)` puts each file."""
+    root = Path(root)
+    return WorldPaths(
         root=root, gold_images=root / "gold" / "images", gold_coco=root / "gold" / "instances.json",
         gold_grounding=root / "gold" / "grounding.json", web_shards=root / "web" / "shards",
         web_gold=root / "web" / "web_gold.json", test_images=root / "test" / "images", test_coco=root / "test" / "instances.json",
+        web_test_copies=root / "web" / "test_copies.json",
     )
+
+
+def write_world(out: str | Path, size: str = "small", seed: int = 0, *, test_copies: int | None = None) -> WorldPaths:
+    """Write the three splits under `out` (see the module doc); same seed, same bytes.
+    `test_copies` overrides the size's number of test-image copies in the web split."""
+    if size not in SIZES:
+        raise ValueError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
+    spec = SIZES[size]
+    copies = spec.test_copies if test_copies is None else test_copies
+    if not 0 <= copies <= spec.test:
+        raise ValueError(f"test_copies must be between 0 and the {spec.test} test images, got {copies}")
+    paths = world_paths(out)
     for folder in (paths.gold_images, paths.web_shards, paths.test_images):
         folder.mkdir(parents=True, exist_ok=True)
-    rngs = [np.random.default_rng([seed, split]) for split in range(3)]
+    rngs = [np.random.default_rng([seed, split]) for split in range(4)]  # gold, web, test, the copies
 
     # gold: detection + grounding annotations of the same images
     images, anns, g_images, g_anns = [], [], [], []
@@ -303,6 +353,28 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPat
     _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories(BASE_KINDS)})
     _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories(BASE_KINDS)})
 
+    # test: held out (drawn before the web split is written: its copies go into the web shards)
+    test_samples = list(_split(rngs[2], spec.test, spec, 1))
+    images, anns = [], []
+    for image_id, image, objects, _, _ in test_samples:
+        name = f"{image_id:06d}.jpg"
+        (paths.test_images / name).write_bytes(_jpeg(image))
+        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
+        anns += _coco_boxes(objects, image_id, len(anns) + 1)
+    _write_json(paths.test_coco, {"images": images, "annotations": anns, "categories": _categories()})
+
+    # the copies of test images, and the web shard each is appended to
+    copied = sorted(int(i) for i in rngs[3].choice(len(test_samples), size=copies, replace=False)) if copies else []
+    extra: dict[int, list[tuple[str, bytes, str]]] = {}
+    listing = []
+    for number, index in enumerate(copied):
+        test_id, image, _, caption, _ = test_samples[index]
+        kind = COPY_KINDS[number % len(COPY_KINDS)]
+        key = f"{spec.web + number + 1:09d}"  # after every web key
+        shard = number % spec.web_shards
+        extra.setdefault(shard, []).append((key, copy_of(image, kind, rngs[3]), caption))
+        listing.append({"key": key, "shard": f"{shard:05d}", "test_image": f"{test_id:06d}.jpg", "kind": kind})
+
     # web: shards with captions only; the gold kept aside
     images, anns = [], []
     per_shard = math.ceil(spec.web / spec.web_shards)
@@ -311,23 +383,13 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0) -> WorldPat
         with tarfile.open(paths.web_shards / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for image_id, image, objects, caption, _ in samples[shard * per_shard : (shard + 1) * per_shard]:
                 key = f"{image_id:09d}"
-                meta = {"key": key, "caption": caption, "width": image.width, "height": image.height}
-                for name, data in ((f"{key}.jpg", _jpeg(image)), (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps(meta).encode())):
-                    member = tarfile.TarInfo(name)
-                    member.size, member.mtime, member.mode = len(data), 0, 0o644
-                    tar.addfile(member, io.BytesIO(data))
+                _add_web_sample(tar, key, _jpeg(image), caption)
                 images.append({"id": image_id, "file_name": f"{key}.jpg", "width": image.width, "height": image.height})
                 anns += _coco_boxes(objects, image_id, len(anns) + 1)
+            for key, jpeg, caption in extra.get(shard, []):
+                _add_web_sample(tar, key, jpeg, caption)
     _write_json(paths.web_gold, {"images": images, "annotations": anns, "categories": _categories()})
-
-    # test: held out
-    images, anns = [], []
-    for image_id, image, objects, _, _ in _split(rngs[2], spec.test, spec, 1):
-        name = f"{image_id:06d}.jpg"
-        (paths.test_images / name).write_bytes(_jpeg(image))
-        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
-        anns += _coco_boxes(objects, image_id, len(anns) + 1)
-    _write_json(paths.test_coco, {"images": images, "annotations": anns, "categories": _categories()})
+    _write_json(paths.web_test_copies, {"copies": listing})
     return paths
 
 

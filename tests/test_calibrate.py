@@ -190,3 +190,30 @@ def test_refusals_are_one_line_with_exit_2(world, shared_data, tmp_path):
                                    str(tmp_path / "bad_policy.json"), "--out", str(tmp_path / "f")])
     (lines,) = _error_lines(filtered)
     assert "bad_policy.json" in lines and "colour" in lines
+
+
+def test_demo_calibration_on_a_random_part_and_the_rest(world, shared_data):
+    # The demo's section end to end on real boxes: half of the images drawn as the checked
+    # sample, the calibrated policy filtered over all shards, rated on the other half.
+    from pipeline.demo_calibration import DemoCalibration, calibrate_on_part
+
+    coco = json.loads((shared_data / COCO).read_text())
+    (world / "all.json").write_text(json.dumps(coco))
+    out = world / "demo_calibration"
+    result = calibrate_on_part(
+        shards=str(world / "shards"), detections=str(world / "pl"), web_gold=world / "all.json", out=out, filtered={}, seed=3,
+        settings=DemoCalibration(fraction=0.5, target_precision=0.8, margin=0.1),
+    )
+    sample, rest = (json.loads((out / f"{name}.json").read_text()) for name in ("sample", "rest"))
+    sample_ids, rest_ids = {i["id"] for i in sample["images"]}, {i["id"] for i in rest["images"]}
+    assert len(sample_ids) == 40 and sample_ids.isdisjoint(rest_ids) and sample_ids | rest_ids == {i["id"] for i in coco["images"]}
+    assert sample_ids != {i["id"] for i in sorted(coco["images"], key=lambda i: i["id"])[0::2]}  # drawn, not every other one
+    assert "refused" not in result and result["sample"]["images"] == 40 and result["sample"]["precision"] >= 0.8
+    achieved = score_boxes(load_gold(out / "rest.json"), pseudo_predictions(load_gold(out / "rest.json"), [str(out / "filtered" / "pseudo")]),
+                           class_agnostic=True)
+    assert result["calibrated_on_rest"]["precision50"] == round(achieved.precision50, 4)
+    assert result["calibrated_on_rest"]["gold_images"] == 40
+    low, high = result["sample"]["precision_interval"]
+    assert result["inside_interval"] == (low <= achieved.precision50 <= high)
+    print(f"demo calibration: {result['sample']['precision']:.3f} [{low:.3f}, {high:.3f}] on the sample, "
+          f"{achieved.precision50:.3f} on the rest")

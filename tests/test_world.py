@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline.shards import iter_webdataset_samples
-from pipeline.world import BASE_KINDS, COLOURS, KINDS, SIZES, TAIL_KINDS, write_world
+from pipeline.world import BASE_KINDS, COLOURS, COPY_KINDS, KINDS, SIZES, TAIL_KINDS, write_world
 
 
 def _digest(root: Path) -> str:
@@ -50,7 +50,10 @@ def test_splits_load_and_boxes_are_tight_and_inside(tmp_path):
             keys.append(sample["__key__"])
             meta = json.loads(sample["json"])
             assert meta["caption"] == sample["txt"].decode() and Image.open(io.BytesIO(sample["jpg"])).size == (meta["width"], meta["height"])
-    assert len(keys) == spec.web == len(web_gold.getImgIds()) and {int(k) for k in keys} == set(web_gold.getImgIds())
+    copies = {c["key"] for c in json.loads(paths.web_test_copies.read_text())["copies"]}
+    assert len(copies) == spec.test_copies and copies <= set(keys) and len(keys) == len(set(keys)) == spec.web + spec.test_copies
+    originals = [k for k in keys if k not in copies]
+    assert len(originals) == spec.web == len(web_gold.getImgIds()) and {int(k) for k in originals} == set(web_gold.getImgIds())
 
 
 def test_grounding_spans_name_their_objects(tmp_path):
@@ -82,3 +85,36 @@ def test_gold_is_narrow_and_web_and_test_are_broad(tmp_path):
     test = json.loads(paths.test_coco.read_text())
     assert [c["name"] for c in test["categories"]] == list(KINDS)
     assert SIZES["default"].web >= 3 * SIZES["default"].gold
+
+
+def test_web_copies_of_test_images_leave_everything_else_unchanged(tmp_path):
+    # The copies come from their own random stream: without them the same seed gives the same
+    # gold, test and web images byte for byte.
+    with_copies = write_world(tmp_path / "with", "small", 5)
+    without = write_world(tmp_path / "without", "small", 5, test_copies=0)
+    for split in ("gold", "test"):
+        assert _digest(with_copies.root / split) == _digest(without.root / split)
+    assert with_copies.web_gold.read_bytes() == without.web_gold.read_bytes()
+    listing = json.loads(with_copies.web_test_copies.read_text())["copies"]
+    assert json.loads(without.web_test_copies.read_text())["copies"] == []
+    assert sorted(c["kind"] for c in listing) == sorted(COPY_KINDS)  # small: one copy of each kind
+    copies = {c["key"]: c for c in listing}
+    for shard in sorted(with_copies.web_shards.glob("*.tar")):
+        plain = {s["__key__"]: s for s in iter_webdataset_samples(str(without.web_shards / shard.name))}
+        for sample in iter_webdataset_samples(str(shard)):
+            key = sample["__key__"]
+            if key not in copies:
+                assert {k: sample[k] for k in ("jpg", "txt", "json")} == {k: plain[key][k] for k in ("jpg", "txt", "json")}
+                continue
+            copy = copies[key]
+            assert copy["shard"] == shard.stem
+            test = np.asarray(Image.open(with_copies.test_images / copy["test_image"]).convert("RGB")).astype(int)
+            web = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")).astype(int)
+            if copy["kind"] == "flip":
+                assert np.abs(web[:, ::-1] - test).mean() < 8  # the mirror image, JPEG noise aside
+            elif copy["kind"] == "recompress":
+                assert web.shape == test.shape and 0 < np.abs(web - test).mean() < 12
+            elif copy["kind"] == "crop":
+                assert (web.shape[0], web.shape[1]) == (round(0.9 * test.shape[0]), round(0.9 * test.shape[1]))
+            else:
+                assert web.shape[:2] != test.shape[:2] and abs(web.shape[1] / web.shape[0] - test.shape[1] / test.shape[0]) < 0.05
