@@ -153,7 +153,7 @@ def _calibration_html(calibration: dict, presets: dict) -> str:
         f"recall {_pct(rest['recall50'])}.</p>"
         "<table><tr><th>policy (on the held-out images)</th><th>boxes</th><th>precision</th><th>recall</th></tr>"
         f"<tr><th>calibrated</th><td>{rest['boxes']}</td><td>{_pct(rest['precision50'])}</td><td>{_pct(rest['recall50'])}</td></tr>"
-        f"{rows}</table><p>(A report section: the student trains on its preset's pseudo-labels.)</p>"
+        f"{rows}</table><p>(The student trains on its preset's pseudo-labels; `--preset calibrated` trains it on this policy's.)</p>"
     )
 
 
@@ -167,7 +167,7 @@ def _rounds_html(rounds: list[dict], preset: str) -> str:
             m = models[name]
             rows += f"<tr><th>{entry['round']}</th><th>{name}</th>" + "".join(f"<td>{_pct(m[k])}</td>" for k in AP_SUMMARY)
             if name == "teacher":
-                labels = entry["pseudo_labels"][preset]
+                labels = entry["pseudo_labels"].get(preset) or entry["calibration"].get("calibrated_on_rest") or {"precision50": -1, "recall50": -1}
                 calibrated = entry["calibration"].get("calibrated_on_rest")
                 rows += (f"<td>{_pct(labels['precision50'])} / {_pct(labels['recall50'])}</td>"
                          f"<td>{_pct(calibrated['precision50']) + ' / ' + _pct(calibrated['recall50']) if calibrated else 'refused'}</td>")
