@@ -2,7 +2,7 @@
 bare loop, and a train-student step; prints one table.
 
 Needs only the checkout: weights are the reference runs' deterministic fill
-(`tests/reference_weights.py`, shared/reference/glip/README.md), images are the real COCO
+(`bench/reference_weights.py`, shared/reference/glip/README.md), images are the real COCO
 images of ../shared/data/coco_mini (or `$GLIP_SHARED_DIR/data`). Rows:
 
 * forward, GLIP-T(C) and GLIP-L on real images resized to 800x1333 (HxW): images/s and peak
@@ -97,7 +97,7 @@ def filled_model(variant: str) -> torch.nn.Module:
     """GLIP of `variant` with the reference runs' deterministic weights, on the CPU, in eval mode."""
     from model.config import get_config
     from model.glip import GLIP
-    from tests.reference_weights import fill_reference_weights
+    from bench.reference_weights import fill_reference_weights
 
     model = GLIP(get_config(variant))
     fill_reference_weights(model)
