@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from pipeline.user_errors import user_errors
+
 
 def parse_span(text: str, caption: str) -> tuple[int, int]:
     try:
@@ -28,6 +30,7 @@ def parse_span(text: str, caption: str) -> tuple[int, int]:
     return start, end
 
 
+@user_errors(ValueError)  # model.checkpoint.CheckpointError among them
 def ground(
     image: Path = typer.Argument(..., help="Image file (any format PIL reads)."),
     caption: str = typer.Argument(..., help="Caption whose phrases to ground."),
@@ -47,7 +50,6 @@ def ground(
     """Ground the phrases of CAPTION in IMAGE with a GLIP checkpoint."""
     from PIL import Image, UnidentifiedImageError
 
-    from model.checkpoint import CheckpointError
     from model.predict import GLIPPredictor
 
     if not image.is_file():
@@ -65,21 +67,16 @@ def ground(
     else:
         spans = _phrase_spans(caption, mode)
     if not spans:
-        typer.echo(f"no groundable phrase found in {caption!r}; give one with --span START:END", err=True)
-        raise typer.Exit(code=2)
+        raise ValueError(f"no groundable phrase found in {caption!r}; give one with --span START:END")
 
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        predictor = GLIPPredictor.from_checkpoint(
-            str(teacher), config=config, device=device, min_size=min_size, max_size=max_size,
-            score_agg=phrase_score.upper(),
-        )
-    except CheckpointError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+    predictor = GLIPPredictor.from_checkpoint(
+        str(teacher), config=config, device=device, min_size=min_size, max_size=max_size,
+        score_agg=phrase_score.upper(),
+    )
 
     detections = predictor.predict([picture], [caption], [spans])[0].above(threshold).sorted()
     rows = [
