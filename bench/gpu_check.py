@@ -2,7 +2,7 @@
 bare loop, and a train-student step; prints one table.
 
 Needs only the checkout: weights are the reference runs' deterministic fill
-(`tests/reference_weights.py`, shared/reference/glip/README.md), images are the real COCO
+(`bench/reference_weights.py`, shared/reference/glip/README.md), images are the real COCO
 images of ../shared/data/coco_mini (or `$GLIP_SHARED_DIR/data`). Rows:
 
 * forward, GLIP-T(C) and GLIP-L on real images resized to 800x1333 (HxW): images/s and peak
@@ -101,7 +101,7 @@ def filled_model(variant: str) -> torch.nn.Module:
     """GLIP of `variant` with the reference runs' deterministic weights, on the CPU, in eval mode."""
     from model.config import get_config
     from model.glip import GLIP
-    from tests.reference_weights import fill_reference_weights
+    from bench.reference_weights import fill_reference_weights
 
     model = GLIP(get_config(variant))
     fill_reference_weights(model)
@@ -298,8 +298,11 @@ def train_rows(variant: str, plan: CheckPlan, device: torch.device) -> list[Row]
     """Samples/s and peak memory of train-student steps with gradient checkpointing at batch 2."""
     from model.loss import GLIPLoss
     from model.text import load_tokenizer
-    from pipeline.train_data import AugmentSettings, MixedSampleStream, SourceSpec, TrainLoader
-    from pipeline.train_loop import TrainConfig, build_student, lr_factor, make_optimizer
+    from pipeline.train_config import OptimizerConfig, StudentModel
+    from pipeline.train_data import AugmentSettings, SourceSpec
+    from pipeline.train_data.loader import TrainLoader
+    from pipeline.train_data.mixing import MixedSampleStream
+    from pipeline.train_loop import build_student, make_optimizer, make_scheduler
 
     coco = SHARED / "coco_mini"
     spec = SourceSpec(kind="coco", paths=(str(coco / "annotations/instances_train2017_subset.json"),), images=str(coco / "train2017"))
@@ -307,10 +310,9 @@ def train_rows(variant: str, plan: CheckPlan, device: torch.device) -> list[Row]
     settings = AugmentSettings(min_sizes=(plan.train_min_size,), max_size=plan.train_max_size)
     loader = TrainLoader(stream=MixedSampleStream(specs=[spec], tokenizer=tokenizer, seed=0), batch_size=2, settings=settings)
     batches = [loaded.batch for loaded in itertools.islice(iter(loader), plan.train_steps + 1)]
-    config = TrainConfig(variant=variant, out="", sources=(), steps=1000, grad_checkpointing=True)
-    model = build_student(config).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    model = build_student(StudentModel(variant=variant, grad_checkpointing=True), seed=0).to(device)
+    optimizer = make_optimizer(model, OptimizerConfig())
+    scheduler = make_scheduler(optimizer, OptimizerConfig(), steps=1000)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     loss_fn = GLIPLoss()
     on_device = [_batch_to(batch, device) for batch in batches]

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("GLIP_SHARED_DIR", REPO.parent / "shared")) / "data"
 
-from tests.pseudo_fixtures import coco_samples, tiny_teacher, write_shard  # noqa: E402
+from bench.sample_shards import coco_samples, tiny_teacher, write_shard  # noqa: E402
 
 
 def prepare_world(work: Path, *, images: int, shards: int) -> list[tuple[str, bytes, str]]:

@@ -23,8 +23,11 @@ import torch
 
 from model.loss import GLIPLoss, total_loss
 from model.text import load_tokenizer
-from pipeline.train_data import AugmentSettings, MixedSampleStream, SourceSpec, TrainLoader
-from pipeline.train_loop import TrainConfig, build_student, lr_factor, make_optimizer
+from pipeline.train_data import AugmentSettings, SourceSpec
+from pipeline.train_data.loader import TrainLoader
+from pipeline.train_data.mixing import MixedSampleStream
+from pipeline.train_config import OptimizerConfig, StudentModel
+from pipeline.train_loop import build_student, make_optimizer, make_scheduler
 
 SHARED = Path(os.environ.get("GLIP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -85,10 +88,9 @@ def main() -> None:
     print(f"data path alone:      {data_rate:8.2f} samples/s")
 
     # 2. training step alone, on the batches above.
-    config = TrainConfig(variant="tiny", out="", sources=(), steps=1000, init_text="minilm")
-    model = build_student(config)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    model = build_student(StudentModel(variant="tiny", init_text="minilm"), seed=0)
+    optimizer = make_optimizer(model, OptimizerConfig())
+    scheduler = make_scheduler(optimizer, OptimizerConfig(), steps=1000)
     loss_fn = GLIPLoss()
     train_step(model, optimizer, scheduler, loss_fn, batches[0])  # warm-up
     start = time.perf_counter()

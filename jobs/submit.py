@@ -38,10 +38,12 @@ from typing import Any, Optional, TypeVar
 
 import typer
 
+from pipeline.user_errors import user_errors
+
 EXCLUDES = [".venv", ".venv/**", "runs", "runs/**", ".git", ".git/**", "**/__pycache__", "*.pth", "*.safetensors", "*.tar"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NO_AGENT = "No available agent"  # Ray's answer while a just-started head has no job agent yet
-ENGINE_IMPORTS = "import sys, typer, ray, pipeline.commands"
+ENGINE_IMPORTS = "import sys, typer, ray, pipeline.cli"
 FOUND_MARKER = "GLIP_ENGINE_PYTHON="
 PROBE_MARKER = "GLIP_ENGINE_PROBE "
 T = TypeVar("T")
@@ -187,6 +189,7 @@ def follow(client, job_id: str, *, poll_s: float = 1.0, stream=None) -> str:
         time.sleep(poll_s)
 
 
+@user_errors(ValueError, FileNotFoundError, RuntimeError)
 def submit_command(
     stage_args: list[str] = typer.Argument(..., help="After '--': the stage and its arguments."),
     address: str = typer.Option(..., "--address", help="Ray dashboard address, e.g. http://HEAD:8265."),
@@ -205,16 +208,12 @@ def submit_command(
     no_check: bool = typer.Option(False, "--no-check", help="Skip the probe job that finds an interpreter importing the engine."),
 ) -> None:
     """Submit a stage to a Ray cluster (Ray Jobs API) and stream its logs."""
-    try:
-        env = build_runtime_env(working_dir, runtime_env)
-        entrypoint(stage_args)  # the stage arguments are checked before the cluster is asked
-        client, submitted, command = _submit_stage(
-            address, stage_args, env=env or None, wait_s=wait_cluster, python=python, check=not no_check,
-            submission_id=job_id, entrypoint_num_gpus=num_gpus or None, entrypoint_num_cpus=num_cpus or None,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {_first_line(error)}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    env = build_runtime_env(working_dir, runtime_env)
+    entrypoint(stage_args)  # the stage arguments are checked before the cluster is asked
+    client, submitted, command = _submit_stage(
+        address, stage_args, env=env or None, wait_s=wait_cluster, python=python, check=not no_check,
+        submission_id=job_id, entrypoint_num_gpus=num_gpus or None, entrypoint_num_cpus=num_cpus or None,
+    )
     print(f"submitted job {submitted}: {command}", file=sys.stderr, flush=True)
     if no_wait:
         print(submitted)
@@ -246,17 +245,6 @@ def _submit_stage(
     command = entrypoint(stage_args, python=chosen)
     return client, patiently(lambda: client.submit_job(entrypoint=command, runtime_env=env, **job)), command
 
-
-def _first_line(error: Exception) -> str:
-    """One line for an error; a Ray server error carrying the server's traceback keeps its
-    status line and the traceback's last line (the exception itself)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if len(lines) > 1 and "Traceback (most recent call last)" in lines[0]:
-        raised = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-        return f"{lines[0].split(': Traceback', 1)[0]}: {raised[-1] if raised else lines[-1]}"
-    return lines[0]
 
 
 job_app = typer.Typer(help="Status, logs and stopping of submitted jobs.", no_args_is_help=True)

@@ -78,7 +78,10 @@ class GLIP(nn.Module):
         self.rpn = RPN(config)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass (Swin-L at 1333 px does not fit
+        otherwise): the Swin stages, BERT and the fusion modules of the DyHead tower."""
         self.backbone.body.set_gradient_checkpointing(enabled)
+        self.language_backbone.set_gradient_checkpointing(enabled)
         self.rpn.head.set_gradient_checkpointing(enabled)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> GLIPOutputs:

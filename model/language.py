@@ -45,6 +45,13 @@ class LanguageBackbone(nn.Module):
         super().__init__()
         self.body = BertBody(config)
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """BERT's own switch: recompute each layer's activations in the backward pass."""
+        if enabled:
+            self.body.model.gradient_checkpointing_enable()
+        else:
+            self.body.model.gradient_checkpointing_disable()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         out = self.body.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state

@@ -32,14 +32,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from model.config import TRAIN_MAX_SIZE, TRAIN_MIN_SIZES
 from model.preprocess import PIXEL_MEAN, PIXEL_STD, batch_images, image_to_tensor, resized_size
 from model.text import clean_name, positive_map_from_spans, tokenize
 
 Span = tuple[int, int]
 
-# GLIP's training short sides (INPUT.MIN_SIZE_TRAIN of the pretrain configs) and long-side cap.
-TRAIN_MIN_SIZES = (480, 560, 640, 720, 800)
-TRAIN_MAX_SIZE = 1333
 # od_to_grounding defaults of the GLIP pretrain configs (RANDOM_SAMPLE_NEG, CONTROL_PROB[2]).
 MAX_NEGATIVE_CLASSES = 85
 FULL_NEGATIVES_PROBABILITY = 0.5

@@ -48,9 +48,9 @@ import typer
 
 from pipeline import storage
 from pipeline.evaluate import EvalError, gold_image_id, gold_key_index, greedy_matches, load_gold, xyxy_to_coco
-from pipeline.filter_stage import detections_folder
 from pipeline.filtering import FilterPolicy, apply_policy
-from pipeline.labels_io import DetectionRow, read_detection_keys, read_detections
+from pipeline.labels_io import DetectionRow, detections_folder, read_detection_keys, read_detections
+from pipeline.user_errors import user_errors
 
 STAGE = "calibrate"
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate min_score values
@@ -476,6 +476,7 @@ def plot_curves(result: dict, path: str, *, stream: TextIO | None = None) -> boo
     return True
 
 
+@user_errors(ValueError, FileNotFoundError)
 def calibrate_command(
     detections: str = typer.Argument(..., help="pseudo-label output folder (or its detections/)."),
     gold: str = typer.Option(..., "--gold", help="COCO JSON of checked boxes on some of the detected images."),
@@ -500,17 +501,13 @@ def calibrate_command(
 
     Refuses (exit 2) a sample that does not overlap the detections, gold images without detections, and a sample too small for the target.
     """
-    try:
-        config = CalibrateConfig(
-            detections=detections, gold=gold, out=out,
-            target_precision=target_precision if target_precision is not None or target_recall is not None else 0.8,
-            target_recall=target_recall, scope=scope, match=match, nms=tuple(nms), margin=margin, bootstrap=bootstrap,
-            seed=seed, plot=plot,
-        )
-        result = run_calibrate(config)
-    except (CalibrationError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    config = CalibrateConfig(
+        detections=detections, gold=gold, out=out,
+        target_precision=target_precision if target_precision is not None or target_recall is not None else 0.8,
+        target_recall=target_recall, scope=scope, match=match, nms=tuple(nms), margin=margin, bootstrap=bootstrap,
+        seed=seed, plot=plot,
+    )
+    result = run_calibrate(config)
     calibration = result["calibration"]
     policy = result["policy"]
     nms_text = "none" if policy["nms_iou"] is None else f"{policy['nms_scope']}:{policy['nms_iou']}"

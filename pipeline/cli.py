@@ -1,31 +1,54 @@
-"""The `pipeline` command: one verb per stage module.
+"""The `pipeline` command: one verb per module, wired here and nowhere else.
 
-Each stage lives in its own module and exposes a typer command function; this file only
-wires them into one app, so `pipeline --help` lists every verb.
+`build_app()` lists every verb on one line each, so `pipeline --help` and this file read the
+same. The verb modules import only what their options need at import time (typer, plain
+configuration); torch, Ray and spaCy load inside the command that uses them, so `pipeline
+--help` stays fast. Each verb reports a user's mistake through `pipeline.user_errors`.
 """
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
-    name="pipeline",
-    help="GLIP self-training data engine: parse captions, pseudo-label, filter, train a student.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from jobs.submit import job_app, submit_command
+from pipeline.calibrate import calibrate_command
+from pipeline.decontaminate import decontaminate_command
+from pipeline.demo import demo_command
+from pipeline.evaluate import evaluate
+from pipeline.filter_stage import filter_command
+from pipeline.ground import ground
+from pipeline.inspect_labels import export_command, show_command, stats_command
+from pipeline.parse_captions import parse_captions_command
+from pipeline.pseudo_label import pseudo_label_command
+from pipeline.train_student import train_student
 
 
-def _register() -> None:
-    # Imported here so `import pipeline.cli` stays cheap and each verb's heavy imports
-    # (torch, ray, spacy) happen inside the command that needs them.
-    from pipeline import commands  # noqa: F401  (registers the verbs on `app`)
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="pipeline",
+        help="GLIP self-training data engine: parse captions, pseudo-label, filter, train a student.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.command("parse-captions")(parse_captions_command)
+    app.command("ground")(ground)
+    app.command("pseudo-label")(pseudo_label_command)
+    app.command("filter")(filter_command)
+    app.command("calibrate")(calibrate_command)
+    app.command("decontaminate")(decontaminate_command)
+    app.command("show")(show_command)
+    app.command("export")(export_command)
+    app.command("stats")(stats_command)
+    app.command("train-student")(train_student)
+    app.command("eval")(evaluate)
+    app.command("demo")(demo_command)
+    app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit_command)
+    app.add_typer(job_app, name="job")
+    return app
 
 
-_register()
+app = build_app()
 
-if __name__ == "__main__":  # `python -m pipeline.cli`: run the registered app, not this copy
-    from pipeline.cli import app as registered
-
-    registered()
+if __name__ == "__main__":  # `python -m pipeline.cli`
+    app()

@@ -52,6 +52,7 @@ from pipeline.shards import (
 )
 from pipeline.stage import StageRun, plan_shards, run_stage
 from pipeline.stage_stats import print_summary
+from pipeline.user_errors import user_errors
 
 STAGE = "decontaminate"
 MATCHES = "matches.parquet"
@@ -226,6 +227,7 @@ def run_decontaminate(config: DecontaminateConfig, *, progress_stream: TextIO | 
         shutdown_ray(started)
 
 
+@user_errors(FileNotFoundError, ValueError)
 def decontaminate_command(
     inputs: list[str] = typer.Argument(..., help="Web image shards (img2dataset WebDataset .tar): files, globs or folders."),
     against: list[str] = typer.Option(..., "--against", help="Evaluation images: files, folders, globs or WebDataset shards (repeatable)."),
@@ -243,13 +245,9 @@ def decontaminate_command(
 
     Kept samples are copied member by member, unchanged; the matches go to OUT/matches.parquet (web key, eval image, distances).
     """
-    try:
-        stats = run_decontaminate(
-            DecontaminateConfig(inputs=tuple(inputs), against=tuple(against), out=out, max_distance=max_distance,
-                                workers=workers, address=address, overwrite=overwrite)
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    stats = run_decontaminate(
+        DecontaminateConfig(inputs=tuple(inputs), against=tuple(against), out=out, max_distance=max_distance,
+                            workers=workers, address=address, overwrite=overwrite)
+    )
     removed = dict(stats["skipped"]).get(NEAR_DUPLICATE, {}).get("count", 0)  # type: ignore[union-attr]
     print_summary(stats, out, counts=f"{stats['samples']:,} samples, {stats.get('hashed', 0):,} hashed, {removed:,} near-duplicates dropped")

@@ -30,6 +30,7 @@ import typer
 from typing import Optional
 
 from pipeline.demo_report import render_html
+from pipeline.user_errors import fail
 from pipeline.world import BASE_KINDS, SIZES, TAIL_KINDS, WorldPaths, write_world
 
 
@@ -130,40 +131,38 @@ def _train(
 ) -> dict:
     """Train one arm: the teacher (`recipe` None: the official weak augmentation) or, from
     `init`, the student or the control with `recipe`'s options."""
-    from pipeline.train_loop import TrainConfig
+    from pipeline.train_config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
+    from pipeline.train_data.specs import AugmentSettings, PseudoWeighting
     from pipeline.train_student import augment_options, run_training
 
-    options = {}
+    augment, pseudo = {}, PseudoWeighting()
     if recipe is not None:
-        options = {
-            **augment_options(recipe.augment),
-            "pseudo_score_weight": recipe.score_weight,
-            "pseudo_ignore_below": recipe.ignore_below,
-            "pseudo_background_weight": recipe.background_weight,
-        }
+        augment = augment_options(recipe.augment)
+        pseudo = PseudoWeighting(
+            score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight
+        )
 
     config = TrainConfig(
-        variant=schedule.variant,
         out=str(out),
-        sources=tuple(sources),
         steps=steps,
-        batch_size=schedule.batch_size,
-        min_sizes=schedule.min_sizes,
-        max_size=schedule.max_size,
         seed=seed,
-        lr=schedule.lr,
-        lang_lr=schedule.lr / 10,
-        warmup_steps=max(1, steps // 10),
-        schedule="cosine",
-        init=init,
-        init_text=None if init else "minilm",
-        init_backbone=None if init else schedule.init_backbone,
-        checkpoint_every=max(steps, 1),
         log_every=max(1, steps // 10),
-        workers=schedule.workers,
-        cpus_per_worker=1,
-        freeze_text=True,
-        **options,
+        model=StudentModel(
+            variant=schedule.variant,
+            init=init,
+            init_text=None if init else "minilm",
+            init_backbone=None if init else schedule.init_backbone,
+            freeze_text=True,
+        ),
+        data=DataConfig(
+            sources=tuple(sources),
+            batch_size=schedule.batch_size,
+            augment=AugmentSettings(min_sizes=schedule.min_sizes, max_size=schedule.max_size, **augment),
+            pseudo=pseudo,
+        ),
+        optimizer=OptimizerConfig(lr=schedule.lr, lang_lr=schedule.lr / 10, warmup_steps=max(1, steps // 10), schedule="cosine"),
+        resources=Resources(workers=schedule.workers, cpus_per_worker=1),
+        checkpoints=CheckpointPolicy(every=max(steps, 1)),
     )
     try:
         outcome = run_training(config)
@@ -510,19 +509,15 @@ def demo_command(
         pipeline demo --out runs/r2 --rounds 2 --resume
     """
     if preset not in (*PRESET_NAMES, CALIBRATED):
-        print(f"error: --preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}", file=sys.stderr)
-        raise typer.Exit(code=2)
+        raise fail(f"--preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}")
     if resume and overwrite:
-        print("error: --resume and --overwrite exclude each other", file=sys.stderr)
-        raise typer.Exit(code=2)
+        raise fail("--resume and --overwrite exclude each other")
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
-            print(f"error: --out {out} is not empty: give a new folder, --resume to go on with it, or --overwrite to replace "
-                  "the earlier demo", file=sys.stderr)
-            raise typer.Exit(code=2)
+            raise fail(f"--out {out} is not empty: give a new folder, --resume to go on with it, or --overwrite to replace "
+                       "the earlier demo")
         if not (out / "world").is_dir():
-            print(f"error: --out {out} does not hold a demo run: not overwriting it", file=sys.stderr)
-            raise typer.Exit(code=2)
+            raise fail(f"--out {out} does not hold a demo run: not overwriting it")
         shutil.rmtree(out)
     from pipeline.train_data import TrainDataError
     from pipeline.train_student import TrainingInterrupted
@@ -539,8 +534,7 @@ def demo_command(
     try:
         report = run_demo(out, size=size, seed=seed, preset=preset, control=control, recipe=recipe, rounds=rounds, resume=resume)
     except DemoResumeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+        raise fail(str(error)) from None
     except (ValueError, TrainDataError, TrainingInterrupted, FileNotFoundError) as error:
         print(f"error: demo stopped: {error}", file=sys.stderr)
         raise typer.Exit(code=1) from None

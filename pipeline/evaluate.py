@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 import numpy as np
 import typer
 
+from pipeline.user_errors import user_errors
+
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -291,13 +293,12 @@ def pseudo_predictions(gold, pseudo_locations: Sequence[str], *, min_score: floa
     A pseudo sample matches a gold image when its key equals the image id (as text, leading
     zeros ignored) or the image file's stem; samples without gold are left out.
     """
-    from pipeline.train_data import list_pseudo_shards, read_pseudo_shard
+    from pipeline.train_data.pseudo_stream import list_pseudo_shards, read_pseudo_shard
 
     index = gold_key_index(gold)
     predictions = []
     for shard in list_pseudo_shards(pseudo_locations):
-        for key, _, raw in read_pseudo_shard(shard):
-            sample = json.loads(raw)
+        for key, _, sample in read_pseudo_shard(shard):
             name = str(sample.get("key", key))
             image_id = gold_image_id(index, name)
             if image_id is None:
@@ -334,6 +335,7 @@ def format_table(result: EvalResult, *, title: str) -> str:
     return "\n".join(rows)
 
 
+@user_errors(FileNotFoundError, ValueError)  # EvalError, CheckpointError, a missing or wrong teacher
 def evaluate(
     coco: Path = typer.Option(..., "--coco", help="COCO instances JSON with the gold boxes."),
     model: Optional[str] = typer.Option(
@@ -354,28 +356,20 @@ def evaluate(
     if (model is None) == (not pseudo):
         raise typer.BadParameter("give either --model CKPT (with --images) or --pseudo DIR")
     provenance = {}
-    try:
-        if model is not None:
-            if images is None or not images.is_dir():
-                raise typer.BadParameter(f"--images {images}: image folder not found")
-            from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
+    if model is not None:
+        if images is None or not images.is_dir():
+            raise typer.BadParameter(f"--images {images}: image folder not found")
+        from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
 
-            try:
-                source = inspect_teacher(model, config=config, min_size=min_size, max_size=max_size)
-                predictor = load_teacher(source, device=resolve_device(device))
-            except (FileNotFoundError, ValueError) as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(code=2) from None
-            result = evaluate_model(predictor, coco, images, batch_size=batch_size, max_images=max_images, progress=not as_json)
-            title = f"zero-shot COCO detection: {source.identity.name} ({source.kind}) on {coco.name}"
-            provenance = {"teacher": source.to_dict()}
-        else:
-            gold = load_gold(coco)
-            result = score_boxes(gold, pseudo_predictions(gold, pseudo, min_score=min_score), class_agnostic=True)
-            title = f"pseudo-labels vs gold ({coco.name}), class-agnostic"
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        source = inspect_teacher(model, config=config, min_size=min_size, max_size=max_size)
+        predictor = load_teacher(source, device=resolve_device(device))
+        result = evaluate_model(predictor, coco, images, batch_size=batch_size, max_images=max_images, progress=not as_json)
+        title = f"zero-shot COCO detection: {source.identity.name} ({source.kind}) on {coco.name}"
+        provenance = {"teacher": source.to_dict()}
+    else:
+        gold = load_gold(coco)
+        result = score_boxes(gold, pseudo_predictions(gold, pseudo, min_score=min_score), class_agnostic=True)
+        title = f"pseudo-labels vs gold ({coco.name}), class-agnostic"
     if as_json:
         typer.echo(json.dumps({**result.as_dict(), **provenance}))
     else:

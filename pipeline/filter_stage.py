@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional, TextIO
@@ -19,13 +18,22 @@ from typing import Optional, TextIO
 import typer
 
 from pipeline import storage
-from pipeline.filtering import FilterPolicy
+from pipeline.filtering import FILTER_OPTIONS as _F
+from pipeline.filtering import FilterPolicy, policy_from_options
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.labels_io import read_detections, select_samples, write_pseudo_tar
-from pipeline.pseudo_label import DETECTIONS, PSEUDO, _F, policy_from_options, print_summary
+from pipeline.labels_io import (
+    PSEUDO,
+    detections_folder,
+    iter_pseudo_samples,
+    print_summary,
+    read_detections,
+    select_samples,
+    write_pseudo_tar,
+)
 from pipeline.shard_report import ShardReport, ShardTask
 from pipeline.shards import discover_shards, iter_webdataset_samples
 from pipeline.stage import StageRun, run_stage
+from pipeline.user_errors import user_errors
 
 STAGE = "filter"
 
@@ -39,12 +47,6 @@ class FilterConfig:
     workers: int | None = None
     address: str | None = None
     overwrite: bool = False
-
-
-def detections_folder(path: str) -> str:
-    """Accept the pseudo-label output folder or its `detections/` subfolder."""
-    nested = storage.join(path, DETECTIONS)
-    return nested if storage.is_dir(nested) else path
 
 
 class FilterWorker:
@@ -75,8 +77,6 @@ class FilterWorker:
 
 def _done_report(task: ShardTask) -> ShardReport:
     """A finished shard's counts, rebuilt from its tar (a resumed run's `_stats.json`)."""
-    from pipeline.labels_io import iter_pseudo_samples
-
     count = sum(1 for _ in iter_pseudo_samples(task.output_uri))
     return ShardReport(shard_id=task.shard_id, input_uri=task.input_uri, output_uri=task.output_uri, written=count)
 
@@ -104,6 +104,7 @@ def run_filter(config: FilterConfig, *, progress_stream: TextIO | None = None) -
     )
 
 
+@user_errors(FileNotFoundError, ValueError)
 def filter_command(
     inputs: list[str] = typer.Argument(..., help="The source image shards the detections were made from."),
     detections: str = typer.Option(..., "--detections", help="pseudo-label output folder (or its detections/)."),
@@ -123,19 +124,15 @@ def filter_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:
     """Re-filter stored detections into pseudo shards with another policy (no teacher needed)."""
-    try:
-        policy = policy_from_options(
-            preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
-            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
-            assign=assign,
+    policy = policy_from_options(
+        preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
+        min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
+        assign=assign,
+    )
+    stats = run_filter(
+        FilterConfig(
+            inputs=tuple(inputs), detections=detections, out=out, policy=policy, workers=workers,
+            address=address, overwrite=overwrite,
         )
-        stats = run_filter(
-            FilterConfig(
-                inputs=tuple(inputs), detections=detections, out=out, policy=policy, workers=workers,
-                address=address, overwrite=overwrite,
-            )
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    )
     print_summary(stats, out)

@@ -42,6 +42,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import typer
+
 
 @dataclass(frozen=True)
 class Box:
@@ -125,6 +127,57 @@ def load_policy_file(uri: str) -> FilterPolicy:
         return FilterPolicy(**fields)
     except (TypeError, ValueError) as error:
         raise ValueError(f"--policy {uri}: {error}") from None
+
+
+def policy_from_options(
+    preset: str,
+    *,
+    min_score: float | None = None,
+    nms_iou: float | None = None,
+    nms_scope: str | None = None,
+    top_k: int | None = None,
+    min_box_frac: float | None = None,
+    max_box_frac: float | None = None,
+    keep_empty: bool | None = None,
+    policy_file: str | None = None,
+    assign: str | None = None,
+) -> FilterPolicy:
+    """A preset, or the policy of `policy_file` in its place, with the CLI's knobs applied on top."""
+    policy = load_policy_file(policy_file) if policy_file else get_preset(preset)
+    overrides: dict[str, object] = {
+        "min_score": min_score,
+        "nms_iou": nms_iou,
+        "nms_scope": nms_scope,
+        "top_k_per_phrase": top_k,
+        "min_box_frac": min_box_frac,
+        "max_box_frac": max_box_frac,
+        "assign": assign,
+    }
+    if keep_empty is not None:
+        overrides["drop_empty"] = not keep_empty
+    return policy.with_overrides(**overrides)
+
+
+def _filter_options() -> dict:
+    return dict(
+        preset=typer.Option("glip", "--preset", help=f"Filter preset: {', '.join(PRESETS)}."),
+        policy_file=typer.Option(None, "--policy", help="Policy file (from `pipeline calibrate`) in place of --preset."),
+        min_score=typer.Option(None, "--min-score", help="Keep boxes scoring above this (overrides the preset)."),
+        nms_iou=typer.Option(None, "--nms-iou", help="NMS IoU threshold (default: the preset's)."),
+        nms_scope=typer.Option(None, "--nms-scope", help="NMS within each 'phrase' or across 'all' phrases."),
+        top_k=typer.Option(None, "--top-k", min=1, help="Best k boxes per phrase."),
+        min_box_frac=typer.Option(None, "--min-box-frac", help="Drop boxes with a side below this fraction of the image's."),
+        max_box_frac=typer.Option(None, "--max-box-frac", help="Drop boxes covering more than this fraction of the image."),
+        keep_empty=typer.Option(None, "--keep-empty/--drop-empty", help="Keep images left with no box (default: preset's)."),
+        assign=typer.Option(
+            None, "--assign", help="caption: match objects to the caption's phrases jointly (count words allowed); none: each box keeps its best phrase."
+        ),
+    )
+
+
+# The filter flags of `pseudo-label` and `filter`, declared once: `name: type = FILTER_OPTIONS["name"]`
+# in a command's signature, and `policy_from_options` turns their values into the policy.
+FILTER_OPTIONS = _filter_options()
 
 
 def apply_policy(

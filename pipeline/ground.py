@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from pipeline.user_errors import user_errors
+
 
 def parse_span(text: str, caption: str) -> tuple[int, int]:
     try:
@@ -29,6 +31,7 @@ def parse_span(text: str, caption: str) -> tuple[int, int]:
     return start, end
 
 
+@user_errors(FileNotFoundError, ValueError)  # CheckpointError, a missing or wrong teacher
 def ground(
     image: Path = typer.Argument(..., help="Image file (any format PIL reads)."),
     caption: str = typer.Argument(..., help="Caption whose phrases to ground."),
@@ -67,15 +70,10 @@ def ground(
     else:
         spans = _phrase_spans(caption, mode)
     if not spans:
-        typer.echo(f"no groundable phrase found in {caption!r}; give one with --span START:END", err=True)
-        raise typer.Exit(code=2)
+        raise ValueError(f"no groundable phrase found in {caption!r}; give one with --span START:END")
 
-    try:
-        source = inspect_teacher(teacher, config=config, min_size=min_size, max_size=max_size)
-        predictor = load_teacher(source, device=resolve_device(device), phrase_score=phrase_score)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+    source = inspect_teacher(teacher, config=config, min_size=min_size, max_size=max_size)
+    predictor = load_teacher(source, device=resolve_device(device), phrase_score=phrase_score)
 
     detections = predictor.predict([picture], [caption], [spans])[0].above(threshold).sorted()
     rows = [

@@ -45,11 +45,30 @@ class DecodedImage:
     height: int
 
 
-def decode_rgb(data: bytes, *, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """Decode `data` into an RGB image (EXIF-transposed); raises ImageDecodeError with a reason."""
+def decode_rgb(
+    data: bytes, *, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS, annotated_size: tuple[int, int] | None = None
+) -> DecodedImage:
+    """Decode `data` into an RGB image; raises ImageDecodeError with a reason.
+
+    The image is EXIF-transposed (what a viewer shows), unless `annotated_size` (width,
+    height) names the size its boxes were drawn on: then the EXIF rotation is applied only
+    when the raw pixels do not have that size and the rotated ones do (COCO annotates the raw
+    pixels of its EXIF-rotated images; the pseudo-label stage records the rotated size).
+    """
     image = _open_checked(data, min_side=min_side, max_pixels=max_pixels)
-    rgb = _loaded(image, to_rgb)
+    orient = ImageOps.exif_transpose if annotated_size is None else _orient_to(annotated_size)
+    rgb = _loaded(image, to_rgb, orient=orient)
     return DecodedImage(image=rgb, width=rgb.width, height=rgb.height)
+
+
+def _orient_to(size: tuple[int, int]):
+    def orient(image: Image.Image) -> Image.Image:
+        if image.size == size:
+            return image
+        rotated = ImageOps.exif_transpose(image)
+        return rotated if rotated.size == size else image
+
+    return orient
 
 
 def decode_gray_small(data: bytes, *, side: int, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -85,13 +104,14 @@ def _open_checked(data: bytes, *, min_side: int, max_pixels: int) -> Image.Image
     return image
 
 
-def _loaded(image: Image.Image, convert) -> Image.Image:
-    """Decode `image`, apply its EXIF orientation, then `convert` it; corrupt data -> `truncated`."""
+def _loaded(image: Image.Image, convert, *, orient=ImageOps.exif_transpose) -> Image.Image:
+    """Decode `image`, `orient` it (default: its EXIF orientation), then `convert` it;
+    corrupt data -> `truncated`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency": handled in to_rgb
             image.load()
-            return convert(ImageOps.exif_transpose(image))
+            return convert(orient(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError("truncated", f"{type(error).__name__}: {error}") from None
 

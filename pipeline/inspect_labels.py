@@ -19,7 +19,6 @@ import html
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import storage
 from pipeline.labels_io import iter_pseudo_samples
+from pipeline.user_errors import user_errors
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0))
 
@@ -145,20 +145,18 @@ def stats_table(stats: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+@user_errors(FileNotFoundError)
 def show_command(
     location: str = typer.Argument(..., help="pseudo-label/filter output folder (or its pseudo/ folder, or a tar)."),
     out: Path = typer.Option(..., "--out", help="Gallery folder: PNGs and index.html."),
     n: int = typer.Option(64, "--n", min=1, help="Samples to draw."),
 ) -> None:
     """Draw pseudo-labelled images with their boxes and phrases, and an index.html grid."""
-    try:
-        index = write_gallery(location, out, n=n)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    index = write_gallery(location, out, n=n)
     print(f"show: {index}")
 
 
+@user_errors(FileNotFoundError, storage.UnwritableOutput)
 def export_command(
     location: str = typer.Argument(..., help="pseudo-label/filter output folder (or its pseudo/ folder, or a tar)."),
     format: str = typer.Option(..., "--format", help="coco or odvg."),
@@ -168,30 +166,26 @@ def export_command(
     """Export pseudo-labels as COCO detection JSON or ODVG JSONL."""
     if format not in ("coco", "odvg") or category not in ("head", "phrase"):
         raise typer.BadParameter("--format must be coco or odvg, --category head or phrase")
-    try:
-        storage.ensure_writable_folder(str(out.absolute().parent))
-        buffer = io.StringIO()
-        if format == "coco":
-            data = to_coco(location, category=category)
-            json.dump(data, buffer)
-            count = len(data["images"])
-        else:
-            count = 0
-            for line in to_odvg(location):
-                buffer.write(json.dumps(line) + "\n")
-                count += 1
-    except (FileNotFoundError, storage.UnwritableOutput) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    storage.ensure_writable_folder(str(out.absolute().parent))
+    buffer = io.StringIO()
+    if format == "coco":
+        data = to_coco(location, category=category)
+        json.dump(data, buffer)
+        count = len(data["images"])
+    else:
+        count = 0
+        for line in to_odvg(location):
+            buffer.write(json.dumps(line) + "\n")
+            count += 1
     storage.write_atomic(str(out), buffer.getvalue().encode("utf-8"))
     print(f"export: {count} samples -> {out}")
 
 
+@user_errors(FileNotFoundError)
 def stats_command(location: str = typer.Argument(..., help="A stage output folder (with _stats.json).")) -> None:
     """Print a stage's _stats.json as a readable table."""
     uri = storage.join(location, "_stats.json") if not location.endswith(".json") else location
     if not storage.exists(uri):
-        print(f"error: {uri}: not found (the stage writes it when it finishes)", file=sys.stderr)
-        raise typer.Exit(code=2)
+        raise FileNotFoundError(f"{uri}: not found (the stage writes it when it finishes)")
     print(stats_table(json.loads(storage.read_bytes(uri))))
 

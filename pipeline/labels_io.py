@@ -1,5 +1,8 @@
 """The files of the pseudo-label stage: `detections/{shard}.parquet` and `pseudo/{shard}.tar`.
 
+An output folder of `pseudo-label` holds `DETECTIONS/` and `PSEUDO/` (the names below) and
+`_stats.json`; `filter` writes `PSEUDO/` alone. Both print `print_summary`'s line at the end.
+
 `detections/{shard}.parquet`, one row per input sample, in shard order:
 * `key` string; `image_ext` string (the image member's extension, "" when none);
 * `width`, `height` int32: the decoded image (after EXIF rotation), 0 when not decoded;
@@ -30,6 +33,10 @@ from pipeline import storage
 from pipeline.filtering import Box, FilterPolicy, apply_policy
 from pipeline.phrases_file import PHRASE_TYPE
 from pipeline.shard_report import ShardReport
+from pipeline.stage_stats import print_summary as print_stage_summary
+
+DETECTIONS = "detections"  # the subfolder of every box above the floor, one Parquet file per shard
+PSEUDO = "pseudo"  # the subfolder of the pseudo shards, one WebDataset tar per shard
 
 BOX_TYPE = pa.struct([("bbox", pa.list_(pa.float32(), 4)), ("score", pa.float32()), ("phrase", pa.int32())])
 DETECTIONS_SCHEMA = pa.schema(
@@ -46,6 +53,22 @@ DETECTIONS_SCHEMA = pa.schema(
 )
 # A key becomes a tar member name: letters, digits and "_-.:" only, never a path.
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-:][A-Za-z0-9_\-:.]{0,199}$")
+
+
+def detections_folder(path: str) -> str:
+    """Accept the pseudo-label output folder or its `detections/` subfolder."""
+    nested = storage.join(path, DETECTIONS)
+    return nested if storage.is_dir(nested) else path
+
+
+def print_summary(stats: dict[str, object], out: str) -> None:
+    """The last lines of a stage that writes pseudo shards (`pseudo-label`, `filter`)."""
+    print_stage_summary(
+        stats,
+        out,
+        counts=f"{stats['samples']:,} samples, {stats.get('images', 0):,} images grounded, "
+        f"{stats['written']:,} pseudo-labelled with {stats.get('kept_boxes', 0):,} boxes",
+    )
 
 
 @dataclass
@@ -220,7 +243,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def iter_pseudo_samples(uri: str) -> Iterator[tuple[str, str, bytes, dict]]:
-    """(key, image extension, image bytes, sample JSON) of a pseudo tar, in order."""
+    """(key, image extension, image bytes, sample JSON) of a pseudo tar, in order; samples
+    without an image or a JSON member are left out.
+
+    Raises `shards.ShardReadError` for a broken or truncated tar (after yielding the complete
+    samples before the damage) and ValueError naming the sample whose JSON does not parse.
+    """
     from pipeline.images import IMAGE_EXTENSIONS
     from pipeline.shards import iter_webdataset_samples
 
@@ -229,4 +257,8 @@ def iter_pseudo_samples(uri: str) -> Iterator[tuple[str, str, bytes, dict]]:
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None or "json" not in sample:
             continue
-        yield key, ext, sample[ext], json.loads(sample["json"])  # type: ignore[arg-type]
+        try:
+            parsed = json.loads(sample["json"])  # type: ignore[arg-type]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{uri}: sample {key}: JSON is not valid: {exc}") from None
+        yield key, ext, sample[ext], parsed  # type: ignore[misc]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,6 +34,7 @@ from pipeline.shards import (
 )
 from pipeline.stage import StageRun, run_stage
 from pipeline.stage_stats import print_summary
+from pipeline.user_errors import user_errors
 
 STAGE = "parse-captions"
 NO_PHRASES = "no_phrases"  # parsed, but every phrase was filtered out (or there was none)
@@ -184,6 +184,7 @@ class CaptionText(str, Enum):
     source = "source"
 
 
+@user_errors(FileNotFoundError, SpacyPipelineNotFound, ValueError)
 def parse_captions_command(
     inputs: list[str] = typer.Argument(
         ..., help="WebDataset .tar shards or Parquet files: files, globs or folders (local or s3:// gs://)."
@@ -252,11 +253,7 @@ def parse_captions_command(
         address=address,
         overwrite=overwrite,
     )
-    try:
-        stats = run_parse_captions(config)
-    except (FileNotFoundError, SpacyPipelineNotFound, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
+    stats = run_parse_captions(config)
     _print_summary(stats, out)
 
 

@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +32,15 @@ from typing import Iterator, Optional, TextIO
 import typer
 
 from pipeline import storage
-from pipeline.filtering import PRESETS, Box, FilterPolicy, get_preset, load_policy_file
+from pipeline.filtering import FILTER_OPTIONS as _F
+from pipeline.filtering import PRESETS, Box, FilterPolicy, policy_from_options
 from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from pipeline.labels_io import (
+    DETECTIONS,
+    PSEUDO,
     DetectionRow,
     is_safe_key,
+    print_summary,
     read_detections_metadata,
     select_samples,
     write_detections,
@@ -46,12 +49,10 @@ from pipeline.labels_io import (
 from pipeline.shard_report import ShardReport, ShardTask
 from pipeline.shards import MemberTally, discover_shards
 from pipeline.stage import StageRun, run_stage
-from pipeline.stage_stats import print_summary as print_stage_summary
 from pipeline.teachers import TeacherSource, inspect_teacher, load_teacher
+from pipeline.user_errors import user_errors
 
 STAGE = "pseudo-label"
-DETECTIONS = "detections"
-PSEUDO = "pseudo"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,56 +316,7 @@ def _remove_temporaries(folder: str) -> None:
                 storage.remove(storage.join(folder, name))
 
 
-def policy_from_options(
-    preset: str,
-    *,
-    min_score: float | None = None,
-    nms_iou: float | None = None,
-    nms_scope: str | None = None,
-    top_k: int | None = None,
-    min_box_frac: float | None = None,
-    max_box_frac: float | None = None,
-    keep_empty: bool | None = None,
-    policy_file: str | None = None,
-    assign: str | None = None,
-) -> FilterPolicy:
-    """A preset, or the policy of `policy_file` in its place, with the CLI's knobs applied on top."""
-    policy = load_policy_file(policy_file) if policy_file else get_preset(preset)
-    overrides: dict[str, object] = {
-        "min_score": min_score,
-        "nms_iou": nms_iou,
-        "nms_scope": nms_scope,
-        "top_k_per_phrase": top_k,
-        "min_box_frac": min_box_frac,
-        "max_box_frac": max_box_frac,
-        "assign": assign,
-    }
-    if keep_empty is not None:
-        overrides["drop_empty"] = not keep_empty
-    return policy.with_overrides(**overrides)
-
-
-# Filter flags shared by `pseudo-label` and `filter`.
-def _filter_options():
-    return dict(
-        preset=typer.Option("glip", "--preset", help=f"Filter preset: {', '.join(PRESETS)}."),
-        policy_file=typer.Option(None, "--policy", help="Policy file (from `pipeline calibrate`) in place of --preset."),
-        min_score=typer.Option(None, "--min-score", help="Keep boxes scoring above this (overrides the preset)."),
-        nms_iou=typer.Option(None, "--nms-iou", help="NMS IoU threshold (default: the preset's)."),
-        nms_scope=typer.Option(None, "--nms-scope", help="NMS within each 'phrase' or across 'all' phrases."),
-        top_k=typer.Option(None, "--top-k", min=1, help="Best k boxes per phrase."),
-        min_box_frac=typer.Option(None, "--min-box-frac", help="Drop boxes with a side below this fraction of the image's."),
-        max_box_frac=typer.Option(None, "--max-box-frac", help="Drop boxes covering more than this fraction of the image."),
-        keep_empty=typer.Option(None, "--keep-empty/--drop-empty", help="Keep images left with no box (default: preset's)."),
-        assign=typer.Option(
-            None, "--assign", help="caption: match objects to the caption's phrases jointly (count words allowed); none: each box keeps its best phrase."
-        ),
-    )
-
-
-_F = _filter_options()
-
-
+@user_errors(FileNotFoundError, ValueError)
 def pseudo_label_command(
     inputs: list[str] = typer.Argument(..., help="Image shards (img2dataset WebDataset .tar): files, globs or folders."),
     phrases: str = typer.Option(..., "--phrases", help="parse-captions output folder ({shard}.parquet per shard)."),
@@ -398,29 +350,16 @@ def pseudo_label_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:
     """Ground the parsed phrases of every image with a teacher (GLIP, Grounding DINO, OWLv2); write detections and pseudo shards."""
-    try:
-        policy = policy_from_options(
-            preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
-            min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
-            assign=assign,
-        )
-        run_config = PseudoLabelConfig(
-            inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,
-            floor=floor, min_size=min_size, max_size=max_size, batch_size=batch_size, num_gpus=num_gpus,
-            cpus_per_worker=cpus_per_worker, bf16=bf16, phrase_score=phrase_score, workers=workers, address=address,
-            overwrite=overwrite,
-        )
-        stats = run_pseudo_label(run_config)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(code=2) from None
-    print_summary(stats, out)
-
-
-def print_summary(stats: dict[str, object], out: str) -> None:
-    print_stage_summary(
-        stats,
-        out,
-        counts=f"{stats['samples']:,} samples, {stats.get('images', 0):,} images grounded, "
-        f"{stats['written']:,} pseudo-labelled with {stats.get('kept_boxes', 0):,} boxes",
+    policy = policy_from_options(
+        preset, min_score=min_score, nms_iou=nms_iou, nms_scope=nms_scope, top_k=top_k,
+        min_box_frac=min_box_frac, max_box_frac=max_box_frac, keep_empty=keep_empty, policy_file=policy_file,
+        assign=assign,
     )
+    run_config = PseudoLabelConfig(
+        inputs=tuple(inputs), phrases=phrases, teacher=teacher, out=out, config=config, policy=policy,
+        floor=floor, min_size=min_size, max_size=max_size, batch_size=batch_size, num_gpus=num_gpus,
+        cpus_per_worker=cpus_per_worker, bf16=bf16, phrase_score=phrase_score, workers=workers, address=address,
+        overwrite=overwrite,
+    )
+    stats = run_pseudo_label(run_config)
+    print_summary(stats, out)

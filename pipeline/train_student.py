@@ -26,16 +26,26 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 
-if TYPE_CHECKING:  # the heavy modules (torch, ray) load inside the command
-    from pipeline.train_data import SourceSpec
-    from pipeline.train_loop import TrainConfig
+from pipeline import storage
+from pipeline.train_config import (
+    CheckpointPolicy,
+    DataConfig,
+    OptimizerConfig,
+    Resources,
+    StudentModel,
+    TrainConfig,
+    setting,
+)
+from pipeline.train_data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
+from pipeline.user_errors import first_line, user_errors
 
 RUN_NAME = "run"
 STUDENT_FILE = "student.pth"
+CONFIG_FILE = "train_config.json"
 _SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -57,13 +67,6 @@ def _storage(out: str) -> str:
     return f"{out.rstrip('/')}/ray" if "://" in out else str(Path(out).resolve() / "ray")
 
 
-def _exists(uri: str) -> bool:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(path)
-
-
 def _absolute(path: str | None) -> str | None:
     """Local paths made absolute (Ray Train workers do not run in the caller's directory)."""
     if not path or "://" in path:
@@ -79,56 +82,63 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
             images=_absolute(spec.images) or "",
             label_map=_absolute(spec.label_map),
         )
-        for spec in config.sources
+        for spec in config.data.sources
     )
-    backbone = config.init_backbone if config.init_backbone == "imagenet" else _absolute(config.init_backbone)
+    model = config.model
+    backbone = model.init_backbone if model.init_backbone == "imagenet" else _absolute(model.init_backbone)
     return dataclasses.replace(
-        config, out=_absolute(config.out), sources=sources, init=_absolute(config.init), init_backbone=backbone
+        config,
+        out=_absolute(config.out),
+        data=dataclasses.replace(config.data, sources=sources),
+        model=dataclasses.replace(model, init=_absolute(model.init), init_backbone=backbone),
     )
+
+
+def _worker_error(error: BaseException) -> str:
+    """The worker's exception line of a Ray Train failure (its message ends with the traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, address: str | None = None) -> TrainOutcome:
     """Train (or continue, with `resume`) the run in `config.out`; returns the final weights."""
     config = with_absolute_paths(config)
-    import fsspec
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.cluster import init_ray, shutdown_ray
     from pipeline.train_loop import train_worker
 
-    out = config.out
-    storage = _storage(out)
-    snapshot = f"{storage}/{RUN_NAME}/{_SNAPSHOT}"
-    if resume and not _exists(snapshot):
+    out, storage_path = config.out, _storage(config.out)
+    snapshot = f"{storage_path}/{RUN_NAME}/{_SNAPSHOT}"
+    if resume and not storage.exists(snapshot):
         raise FileNotFoundError(f"--resume: {out} holds no run to resume (no {snapshot})")
-    if not resume and _exists(snapshot):
+    if not resume and storage.exists(snapshot):
         raise FileExistsError(f"{out} already holds a training run: continue it with --resume, or use a new --out")
-    fs, out_path = fsspec.core.url_to_fs(out)
-    fs.makedirs(out_path, exist_ok=True)
+    storage.makedirs(out)
     if resume:
-        _check_resumable(fs, f"{out_path}/train_config.json", config)
-    with fs.open(f"{out_path}/train_config.json", "w") as handle:
-        json.dump(config.to_dict(), handle, indent=2)
+        _check_resumable(storage.join(out, CONFIG_FILE), config)
+    storage.write_atomic(storage.join(out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
 
     # Embedded loopback-only Ray unless --address. Ray Train's controller watchdog polls the
     # state API, which lives in the dashboard: without it every poll logs a warning.
     started_ray = init_ray(address, include_dashboard=True)
     started = time.time()
+    resources = config.resources
     try:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config.to_dict(),
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
-                num_workers=config.workers,
-                use_gpu=config.use_gpu,
-                resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+                num_workers=resources.workers,
+                use_gpu=resources.use_gpu,
+                resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
             ),
             run_config=RunConfig(
                 name=RUN_NAME,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints.keep),
                 failure_config=FailureConfig(max_failures=0),
             ),
         )
@@ -136,23 +146,29 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
             result = trainer.fit()
         except TrainingFailedError as exc:
             raise TrainingInterrupted(
-                f"training stopped before step {config.steps}: {exc}\n"
-                f"its last checkpoint is under {storage}/{RUN_NAME}; continue with --resume"
+                f"training stopped before step {config.steps}: {_worker_error(exc)}; "
+                f"its last checkpoint is under {storage_path}/{RUN_NAME}: continue with --resume"
             ) from exc
     finally:
         shutdown_ray(started_ray)
     if result.checkpoint is None:
         raise TrainingInterrupted(f"the run in {out} reported no checkpoint")
-    from pipeline.train_loop import MODEL_FILE
+    return _finish(config, result, time.time() - started)
 
-    student = f"{out_path}/{STUDENT_FILE}"
-    with result.checkpoint.as_directory() as directory:
-        fs.put_file(str(Path(directory) / MODEL_FILE), student + ".tmp")
-        fs.mv(student + ".tmp", student)
+
+def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
+    """Copy the last checkpoint's weights to OUT/student.pth and write OUT/_stats.json."""
+    from pipeline.train_checkpoints import MODEL_FILE
+
+    student = storage.join(config.out, STUDENT_FILE)
+    with result.checkpoint.as_directory() as directory, open(Path(directory) / MODEL_FILE, "rb") as source:
+        with storage.atomic_writer(student) as handle:
+            while chunk := source.read(16 << 20):
+                handle.write(chunk)
     metrics = result.metrics or {}
-    _write_stats(fs, out_path, config, metrics, result.checkpoint.path, time.time() - started)
+    _write_stats(config, metrics, result.checkpoint.path, seconds)
     return TrainOutcome(
-        student=student if "://" not in out else f"{out.rstrip('/')}/{STUDENT_FILE}",
+        student=student,
         checkpoint=result.checkpoint.path,
         steps=int(metrics.get("step", config.steps)),
         final_loss=metrics.get("loss"),
@@ -161,55 +177,63 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
 
 # Settings that must not change when a run is resumed (the rest, e.g. logging, may).
 _RESUME_KEYS = (
-    "variant", "steps", "batch_size", "workers", "seed", "sources", "min_sizes", "max_size", "schedule", "init",
-    "init_backbone", "pseudo_score_weight", "pseudo_ignore_below", "pseudo_background_weight", "crop_probability",
-    "cutout_probability", "scale_jitter",
+    "model.variant", "steps", "data.batch_size", "resources.workers", "seed", "data.sources",
+    "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
+    "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight",
+    "data.augment.crop_probability", "data.augment.cutout_probability", "data.augment.scale_jitter",
 )
 
 
-def _check_resumable(fs, path: str, config: TrainConfig) -> None:
-    if not fs.exists(path):
+def _check_resumable(path: str, config: TrainConfig) -> None:
+    if not storage.exists(path):
         return
-    with fs.open(path, "r") as handle:
-        previous = json.load(handle)
+    previous = json.loads(storage.read_bytes(path))
+    try:
+        TrainConfig.from_dict(previous)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--resume: {path} is not a configuration this version reads ({first_line(error)})") from None
     current = json.loads(json.dumps(config.to_dict()))
-    changed = [key for key in _RESUME_KEYS if previous.get(key) != current.get(key)]
+    changed = [key for key in _RESUME_KEYS if setting(previous, key) != setting(current, key)]
     if changed:
-        details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        details = ", ".join(f"{k}: {setting(previous, k)!r} -> {setting(current, k)!r}" for k in changed)
         raise ValueError(f"--resume: these settings differ from the interrupted run ({path}): {details}")
 
 
-def _write_stats(fs, out_path: str, config: TrainConfig, metrics: dict, checkpoint: str, seconds: float) -> None:
+def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: float) -> None:
     from pipeline.train_loop import METRICS_FILE
 
     lines = []
-    metrics_path = f"{out_path}/{METRICS_FILE}"
-    if fs.exists(metrics_path):
-        with fs.open(metrics_path, "r") as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
+    metrics_path = storage.join(config.out, METRICS_FILE)
+    if storage.exists(metrics_path):
+        lines = [json.loads(line) for line in storage.read_bytes(metrics_path).decode("utf-8").splitlines() if line.strip()]
     rates = [line["samples_per_s"] for line in lines[1:]] or [line["samples_per_s"] for line in lines]
+    steps = int(metrics.get("step", config.steps))
     stats = {
         "stage": "train-student",
-        "variant": config.variant,
-        "inputs": [s.name for s in config.sources],
-        "steps": int(metrics.get("step", config.steps)),
-        "samples": int(metrics.get("step", config.steps)) * config.batch_size * config.workers,
+        "variant": config.model.variant,
+        "inputs": [s.name for s in config.data.sources],
+        "steps": steps,
+        "samples": steps * config.data.batch_size * config.resources.workers,
         "final_loss": metrics.get("loss"),
         "skipped_samples": metrics.get("skipped_samples", 0),
         "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},
         "samples_per_s": sum(rates) / len(rates) if rates else None,
         "wall_s_this_session": seconds,
-        "workers": config.workers,
-        "use_gpu": config.use_gpu,
+        "workers": config.resources.workers,
+        "use_gpu": config.resources.use_gpu,
         "checkpoint": checkpoint,
-        "student": f"{out_path}/{STUDENT_FILE}",
+        "student": storage.join(config.out, STUDENT_FILE),
         "config": config.to_dict(),
     }
-    with fs.open(f"{out_path}/_stats.json", "w") as handle:
-        json.dump(stats, handle, indent=2)
+    storage.write_atomic(storage.join(config.out, "_stats.json"), json.dumps(stats, indent=2).encode("utf-8"))
 
 
 # -- CLI ----------------------------------------------------------------------------------
+
+# The one source of the defaults: the configuration's own (`pipeline.train_config`).
+_RUN = TrainConfig(out="", steps=1)
+_MODEL, _DATA, _OPT, _RES, _CKPT = _RUN.model, _RUN.data, _RUN.optimizer, _RUN.resources, _RUN.checkpoints
+_AUG, _PSEUDO = _DATA.augment, _DATA.pseudo
 
 
 def build_sources(
@@ -226,8 +250,6 @@ def build_sources(
     mix: list[str] = (),
 ) -> tuple[SourceSpec, ...]:
     """SourceSpecs of the data flags; `mix` entries are KIND=WEIGHT (default weight 1)."""
-    from pipeline.train_data import SourceSpec, TrainDataError
-
     weights: dict[str, float] = {}
     for entry in mix:
         kind, _, value = entry.partition("=")
@@ -258,7 +280,7 @@ def build_sources(
 
 # `--augment strong`: the student's noise (Noisy Student); colours are never jittered (labels).
 AUGMENT_PRESETS = {
-    "weak": {"crop_probability": 0.0, "cutout_probability": 0.0, "scale_jitter": 0.0},
+    "weak": {"crop_probability": _AUG.crop_probability, "cutout_probability": _AUG.cutout_probability, "scale_jitter": _AUG.scale_jitter},
     "strong": {"crop_probability": 0.5, "cutout_probability": 0.5, "scale_jitter": 0.25},
 }
 
@@ -270,15 +292,16 @@ def augment_options(name: str) -> dict[str, float]:
 
 
 def steps_for_epochs(epochs: float, sources: tuple[SourceSpec, ...], *, batch_size: int, workers: int) -> int:
-    from pipeline.train_data import count_samples
+    from pipeline.train_data.mixing import count_samples
 
     total = sum(count_samples(spec) for spec in sources)
     return max(1, math.ceil(epochs * total / (batch_size * workers)))
 
 
+@user_errors(ValueError, FileNotFoundError, FileExistsError, TrainingInterrupted)
 def train_student(
     out: str = typer.Option(..., "--out", help="Output folder (or s3:// URI) for checkpoints and the student."),
-    config: str = typer.Option("tiny", "--config", help="Student variant: glip-l, glip-t, glip-t-a or tiny."),
+    config: str = typer.Option(_MODEL.variant, "--config", help="Student variant: glip-l, glip-t, glip-t-a or tiny."),
     pseudo: list[str] = typer.Option([], "--pseudo", help="Pseudo shard folder or tar (repeatable)."),
     coco: list[str] = typer.Option([], "--coco", help="COCO detection JSON (repeatable)."),
     grounding: list[str] = typer.Option([], "--grounding", help="MDETR/GoldG grounding JSON (repeatable)."),
@@ -291,45 +314,49 @@ def train_student(
     mix: list[str] = typer.Option([], "--mix", help="Mixing weight KIND=WEIGHT, e.g. --mix pseudo=3 --mix coco=1."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over all data (instead of --steps)."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Images per worker per step."),
-    min_size: list[int] = typer.Option([], "--min-size", help="Training short side, repeatable: one drawn per image (default 480..800)."),
-    max_size: int = typer.Option(1333, "--max-size", help="Long-side cap."),
-    seed: int = typer.Option(0, "--seed"),
-    lr: float = typer.Option(1e-4, "--lr", help="Base learning rate (AdamW)."),
-    lang_lr: float = typer.Option(1e-5, "--lang-lr", help="Learning rate of the language backbone."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    batch_size: int = typer.Option(_DATA.batch_size, "--batch-size", help="Images per worker per step."),
+    min_size: list[int] = typer.Option(
+        [], "--min-size",
+        help=f"Training short side, repeatable: one drawn per image (default {'/'.join(map(str, _AUG.min_sizes))}).",
+    ),
+    max_size: int = typer.Option(_AUG.max_size, "--max-size", help="Long-side cap."),
+    seed: int = typer.Option(_RUN.seed, "--seed"),
+    lr: float = typer.Option(_OPT.lr, "--lr", help="Base learning rate (AdamW)."),
+    lang_lr: float = typer.Option(_OPT.lang_lr, "--lang-lr", help="Learning rate of the language backbone."),
+    weight_decay: float = typer.Option(_OPT.weight_decay, "--weight-decay"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (default: 5% of the run, at most 2000)."),
-    schedule: str = typer.Option("step", "--schedule", help="step (x0.1 at 67% and 89%) or cosine."),
-    clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip over the full model."),
+    schedule: str = typer.Option(_OPT.schedule, "--schedule", help="step (x0.1 at 67% and 89%) or cosine."),
+    clip_grad: float = typer.Option(_OPT.clip_grad_norm, "--clip-grad", help="Gradient norm clip over the full model."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this checkpoint (official or ours)."),
     init_text: Optional[str] = typer.Option(None, "--init-text", help="'minilm': real all-MiniLM-L6-v2 text weights (tiny variant)."),
     init_backbone: Optional[str] = typer.Option(
         None, "--init-backbone", help="'imagenet' (or the file's path): ImageNet MobileNetV2 weights for the visual body (tiny-mnv2)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
-    workers: int = typer.Option(1, "--workers", help="Ray Train workers (DDP)."),
-    use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per worker."),
+    workers: int = typer.Option(_RES.workers, "--workers", help="Ray Train workers (DDP)."),
+    use_gpu: bool = typer.Option(_RES.use_gpu, "--use-gpu", help="One GPU per worker."),
     cpus_per_worker: Optional[int] = typer.Option(None, help="CPUs per worker (default: all cores / workers locally, 4 with GPUs)."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations (Swin-L)."),
+    bf16: bool = typer.Option(_RES.bf16, "--bf16/--no-bf16", help="bf16 autocast on CUDA."),
+    grad_checkpointing: bool = typer.Option(_MODEL.grad_checkpointing, "--grad-checkpointing", help="Recompute activations (Swin-L)."),
     freeze_text: bool = typer.Option(
-        False, "--freeze-text", help="Keep the text encoder's weights fixed (MODEL.LANGUAGE_BACKBONE.FREEZE); fusion layers still train."
+        _MODEL.freeze_text, "--freeze-text",
+        help="Keep the text encoder's weights fixed (MODEL.LANGUAGE_BACKBONE.FREEZE); fusion layers still train.",
     ),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
-    keep_checkpoints: Optional[int] = typer.Option(3, "--keep-checkpoints", help="Checkpoints kept (latest)."),
-    log_every: int = typer.Option(10, "--log-every", help="Steps between progress lines."),
-    loader_threads: int = typer.Option(2, "--loader-threads", help="Decode/augment threads per worker."),
-    negatives: int = typer.Option(8, "--negatives", help="Most other-sample phrases appended to a caption as negatives."),
+    checkpoint_every: int = typer.Option(_CKPT.every, "--checkpoint-every", help="Steps between checkpoints."),
+    keep_checkpoints: Optional[int] = typer.Option(_CKPT.keep, "--keep-checkpoints", help="Checkpoints kept (latest)."),
+    log_every: int = typer.Option(_RUN.log_every, "--log-every", help="Steps between progress lines."),
+    loader_threads: int = typer.Option(_DATA.loader_threads, "--loader-threads", help="Decode/augment threads per worker."),
+    negatives: int = typer.Option(_DATA.max_negative_phrases, "--negatives", help="Most other-sample phrases appended to a caption as negatives."),
     pseudo_score_weight: bool = typer.Option(
-        False, "--pseudo-score-weight/--no-pseudo-score-weight",
+        _PSEUDO.score_weight, "--pseudo-score-weight/--no-pseudo-score-weight",
         help="Scale a pseudo box's classification loss by its teacher score (Soft Teacher).",
     ),
     pseudo_ignore_below: float = typer.Option(
-        0.0, "--pseudo-ignore-below",
+        _PSEUDO.ignore_below, "--pseudo-ignore-below",
         help="Pseudo boxes scoring under T are ignored: their anchors are neither positive nor negative (filter at a lower floor to keep them).",
     ),
     pseudo_background_weight: float = typer.Option(
-        1.0, "--pseudo-background-weight", help="Weight of the background (negative) loss in pseudo images (0..1)."
+        _PSEUDO.background_weight, "--pseudo-background-weight", help="Weight of the background (negative) loss in pseudo images (0..1)."
     ),
     augment: str = typer.Option(
         "weak", "--augment", help="weak (resize + flip, official) or strong (+ scale jitter, box-keeping crop, cutout; Noisy Student)."
@@ -337,59 +364,45 @@ def train_student(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
 ) -> None:
     """Train a GLIP student on gold grounding/detection data plus pseudo-label shards."""
-    from model.train_targets import TRAIN_MIN_SIZES
-    from pipeline.train_data import TrainDataError
-    from pipeline.train_loop import TrainConfig
-
     if (steps is None) == (epochs is None):
         raise typer.BadParameter("give exactly one of --steps N or --epochs N")
-    try:
-        sources = build_sources(
-            pseudo=pseudo, coco=coco, grounding=grounding, odvg=odvg, images=images,
-            coco_images=coco_images, grounding_images=grounding_images, odvg_images=odvg_images,
-            odvg_label_map=odvg_label_map, mix=mix,
-        )
-        if not sources:
-            raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
-        total_steps = steps if steps is not None else steps_for_epochs(epochs, sources, batch_size=batch_size, workers=workers)
-        if cpus_per_worker is None:
-            cpus_per_worker = 4 if use_gpu else max(1, (os.cpu_count() or 1) // workers)
-        train_config = TrainConfig(
-            variant=config,
-            out=out,
-            sources=sources,
-            steps=total_steps,
-            batch_size=batch_size,
-            min_sizes=tuple(min_size) if min_size else TRAIN_MIN_SIZES,
-            max_size=max_size,
-            seed=seed,
-            lr=lr,
-            lang_lr=lang_lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps if warmup_steps is not None else min(2000, total_steps // 20),
-            schedule=schedule,
-            clip_grad_norm=clip_grad,
-            init=init,
-            init_text=init_text,
-            init_backbone=init_backbone,
-            workers=workers,
-            use_gpu=use_gpu,
-            cpus_per_worker=cpus_per_worker,
-            bf16=bf16,
+    sources = build_sources(
+        pseudo=pseudo, coco=coco, grounding=grounding, odvg=odvg, images=images,
+        coco_images=coco_images, grounding_images=grounding_images, odvg_images=odvg_images,
+        odvg_label_map=odvg_label_map, mix=mix,
+    )
+    if not sources:
+        raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
+    total_steps = steps if steps is not None else steps_for_epochs(epochs, sources, batch_size=batch_size, workers=workers)
+    if cpus_per_worker is None:
+        cpus_per_worker = 4 if use_gpu else max(1, (os.cpu_count() or 1) // workers)
+    train_config = TrainConfig(
+        out=out,
+        steps=total_steps,
+        seed=seed,
+        log_every=log_every,
+        model=StudentModel(
+            variant=config, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
             grad_checkpointing=grad_checkpointing,
-            freeze_text=freeze_text,
-            checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints,
-            log_every=log_every,
-            loader_threads=loader_threads,
+        ),
+        data=DataConfig(
+            sources=sources,
+            batch_size=batch_size,
+            augment=AugmentSettings(
+                min_sizes=tuple(min_size) if min_size else _AUG.min_sizes, max_size=max_size, **augment_options(augment)
+            ),
+            pseudo=PseudoWeighting(
+                score_weight=pseudo_score_weight, ignore_below=pseudo_ignore_below, background_weight=pseudo_background_weight
+            ),
             max_negative_phrases=negatives,
-            pseudo_score_weight=pseudo_score_weight,
-            pseudo_ignore_below=pseudo_ignore_below,
-            pseudo_background_weight=pseudo_background_weight,
-            **augment_options(augment),
-        )
-        outcome = run_training(train_config, resume=resume, address=address)
-    except (TrainDataError, ValueError, FileNotFoundError, FileExistsError, TrainingInterrupted) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+            loader_threads=loader_threads,
+        ),
+        optimizer=OptimizerConfig(
+            lr=lr, lang_lr=lang_lr, weight_decay=weight_decay, schedule=schedule, clip_grad_norm=clip_grad,
+            warmup_steps=warmup_steps if warmup_steps is not None else min(2000, total_steps // 20),
+        ),
+        resources=Resources(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, bf16=bf16),
+        checkpoints=CheckpointPolicy(every=checkpoint_every, keep=keep_checkpoints),
+    )
+    outcome = run_training(train_config, resume=resume, address=address)
     typer.echo(f"student: {outcome.student} ({outcome.steps} steps, final loss {outcome.final_loss})")

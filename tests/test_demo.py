@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.train_config import setting
 
 
 ROUND_2_STUDENT = "round 2: train student"
@@ -172,9 +173,10 @@ def test_report_numbers_are_sane_and_reproducible(demo):
     # The control got the student's augmentation and steps, and no pseudo source.
     student_config = json.loads((demo / "student/train_config.json").read_text())
     control_config = json.loads((demo / "control/train_config.json").read_text())
-    assert {s["kind"] for s in control_config["sources"]} == {"coco", "grounding"}
-    same = ("steps", "init", "seed", "crop_probability", "cutout_probability", "scale_jitter", "min_sizes", "lr")
-    assert all(student_config[k] == control_config[k] for k in same)
+    assert {s["kind"] for s in control_config["data"]["sources"]} == {"coco", "grounding"}
+    same = ("steps", "model.init", "seed", "data.augment.crop_probability", "data.augment.cutout_probability",
+            "data.augment.scale_jitter", "data.augment.min_sizes", "optimizer.lr")
+    assert all(setting(student_config, k) == setting(control_config, k) for k in same)
     # Pseudo-label quality per preset, against the web split's hidden gold.
     web_gold = load_gold(demo / "world/web/web_gold.json")
     for name, entry in report["pseudo_labels"].items():
@@ -197,7 +199,7 @@ def test_report_html_and_gallery(demo):
     assert len(list((demo / "gallery").glob("*.png"))) == min(8, report["pseudo_labels"]["glip"]["images"])
     # The student trained on gold + pseudo when the preset kept any, on gold alone (and says so) otherwise.
     assert report["student_pseudo_images"] == report["pseudo_labels"]["glip"]["images"]
-    sources = json.loads((demo / "student/train_config.json").read_text())["sources"]
+    sources = json.loads((demo / "student/train_config.json").read_text())["data"]["sources"]
     assert any(source["kind"] == "pseudo" for source in sources) == (report["student_pseudo_images"] > 0)
     assert ("kept no pseudo-label" in page) == (report["student_pseudo_images"] == 0)
 

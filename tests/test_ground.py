@@ -85,13 +85,28 @@ def test_ground_finds_phrases_itself(shared_data, official_file):
     assert "a man" in phrases and "a red motorcycle" in phrases
 
 
-def test_ground_table_output(shared_data, official_file):
+def test_ground_table_output_lists_the_reference_detections(shared_data, official_file):
+    """At threshold 0 the table lists every detection `GLIPPredictor` gives for the same
+    weights, image, span and sizes: the same boxes and scores, best first, one line each."""
+    from model.predict import GLIPPredictor
+
+    image = shared_data / IMAGE
     result = _run(
-        str(shared_data / IMAGE), CAPTION, "--teacher", str(official_file), "--config", "tiny",
-        "--span", "0:5", "--threshold", "0", "--min-size", "256", "--max-size", "400",
+        str(image), CAPTION, "--teacher", str(official_file), "--config", "tiny",
+        "--span", "0:5", "--threshold", "0", "--min-size", "256", "--max-size", "400", "--device", "cpu",
     )
     assert result.exit_code == 0, result.output
-    assert "'a man' [0, 5]" in result.stdout
+    predictor = GLIPPredictor.from_checkpoint(str(official_file), config="tiny", device="cpu", min_size=256, max_size=400)
+    picture = Image.open(image)
+    reference = predictor.predict([picture], [CAPTION], [[(0, 5)]])[0].above(0.0).sorted()
+    assert len(reference.scores) > 0
+    expected = [
+        f"  {round(score, 4):.3f}  [{round(x0, 2):8.1f} {round(y0, 2):8.1f} {round(x1, 2):8.1f} {round(y1, 2):8.1f}]  'a man' [0, 5]"
+        for (x0, y0, x1, y1), score in zip(reference.boxes.tolist(), reference.scores.tolist())
+    ]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{image} ({picture.width}x{picture.height}), 1 phrases, {len(expected)} detections above 0.0:"
+    assert lines[1:] == expected
 
 
 def test_ground_errors_name_the_problem(tmp_path, shared_data, official_file):

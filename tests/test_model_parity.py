@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.reference_weights import fill_reference_weights, load_reference, reference_image_tensor
 from model.config import get_config
 from model.glip import GLIP
-from tests.reference_weights import fill_reference_weights, load_reference, reference_image_tensor
 
 TOLERANCE = 1e-4
 

@@ -180,8 +180,9 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
 
     from model.checkpoint import load_glip
     from pipeline import storage
-    from pipeline.train_data import SourceSpec
-    from pipeline.train_loop import TrainConfig, build_student
+    from pipeline.train_config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
+    from pipeline.train_data import AugmentSettings, SourceSpec
+    from pipeline.train_loop import build_student
     from pipeline.train_student import run_training
 
     monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
@@ -191,14 +192,18 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
     subset = {**coco, "images": keep, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
     s3.pipe("engine/gold/instances.json", json.dumps(subset).encode())
     source = SourceSpec(kind="coco", paths=("s3://engine/gold/instances.json",), images=str(shared_data / "coco_mini/train2017"))
-    config = TrainConfig(variant="tiny-cpu", out="s3://engine/student", sources=(source,), steps=2, batch_size=1, min_sizes=(128,),
-                         max_size=160, checkpoint_every=1, log_every=1, cpus_per_worker=1, init_text="minilm", freeze_text=True)
+    config = TrainConfig(
+        out="s3://engine/student", steps=2, log_every=1,
+        model=StudentModel(variant="tiny-cpu", init_text="minilm", freeze_text=True),
+        data=DataConfig(sources=(source,), batch_size=1, augment=AugmentSettings(min_sizes=(128,), max_size=160)),
+        resources=Resources(cpus_per_worker=1), checkpoints=CheckpointPolicy(every=1),
+    )
     outcome = run_training(config)
     assert outcome.student == "s3://engine/student/student.pth"
     names = {path.rsplit("/", 1)[-1] for path in s3.ls("engine/student")}
     assert {"student.pth", "_stats.json", "train_config.json", "ray"} <= names
     model, _ = load_glip(storage.local_copy(outcome.student))
     assert model.config.name == "tiny-cpu"
-    again = build_student(TrainConfig(variant="tiny-cpu", out="unused", sources=(), steps=1, init=outcome.student))
+    again = build_student(StudentModel(variant="tiny-cpu", init=outcome.student), seed=0)
     trained = model.state_dict()
     assert all(torch.equal(value, trained[key]) for key, value in again.state_dict().items())

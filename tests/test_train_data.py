@@ -25,19 +25,12 @@ from model.train_targets import (
     swap_left_right,
     xywh_to_xyxy,
 )
-from pipeline.train_data import (
-    AugmentSettings,
-    CocoDetectionSource,
-    GroundingJsonSource,
-    MixedSampleStream,
-    OdvgSource,
-    PseudoShardStream,
-    PseudoWeighting,
-    SourceSpec,
-    TrainDataError,
-    TrainLoader,
-    list_pseudo_shards,
-)
+from pipeline.shards import iter_webdataset_samples
+from pipeline.train_data.loader import TrainLoader
+from pipeline.train_data.mixing import MixedSampleStream
+from pipeline.train_data.pseudo_stream import PseudoShardStream, list_pseudo_shards
+from pipeline.train_data.sources import CocoDetectionSource, GroundingJsonSource, OdvgSource
+from pipeline.train_data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
 from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
@@ -362,14 +355,33 @@ def test_workers_whose_pseudo_shards_are_empty_widen_their_share(tmp_path, share
         nothing.next_record()
 
 
-def test_truncated_pseudo_shard_keeps_complete_samples(tmp_path, shared_data, coco):
+def test_truncated_pseudo_shard_is_an_error_naming_the_file_and_the_reason(tmp_path, shared_data, coco):
+    """A pseudo tar cut inside its third sample's JSON: the shared reader yields exactly the
+    two complete samples before the damage (not the third, whose image alone is whole), then
+    raises; training refuses the shard (it never learns from part of one) with one error
+    naming the file and what broke, as the stages do."""
     write_pseudo_shards(tmp_path / "p", shared_data, coco, shards=1, per_shard=4)
     path = tmp_path / "p" / "00000.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third_json = members[5]  # {key}.jpg, {key}.json per sample
+    assert third_json.name == "000000002.json"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) * 2 // 3])
+    path.write_bytes(data[: third_json.offset_data + third_json.size // 2])
+
+    complete = []
+    with pytest.raises(RuntimeError, match="broken or truncated tar"):
+        for sample in iter_webdataset_samples(str(path)):
+            complete.append(sample["__key__"])
+    assert complete == ["000000000", "000000001"]
+
     stream = PseudoShardStream(shards=[str(path)], seed=0)
-    keys = {stream.next_record().key for _ in range(6)}
-    assert 1 <= len(keys) < 4
+    with pytest.raises(TrainDataError) as error:
+        stream.next_record()
+    assert str(error.value) == (
+        f"{path}: broken or truncated tar (ReadError: unexpected end of data): "
+        "training reads whole pseudo shards only (write it again with `pipeline filter`, or leave it out)"
+    )
 
 
 def _specs(tmp_path, shared_data, coco):

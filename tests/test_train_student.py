@@ -15,8 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.train_data import SourceSpec
-from pipeline.train_loop import TrainConfig, lr_factor, make_optimizer
+from pipeline.train_config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
+from pipeline.train_data import AugmentSettings, SourceSpec
+from pipeline.train_loop import lr_factor, make_optimizer
 from pipeline.train_student import TrainingInterrupted, run_training
 from tests.pseudo_fixtures import write_pseudo_shards
 
@@ -54,23 +55,28 @@ def overfit_json(tmp_path_factory, shared_data: Path) -> Path:
     return path
 
 
-def _config(out: Path, json_path: Path, images: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        variant="tiny",
+def _config(
+    out: Path, json_path: Path, images: Path, *, steps: int = 4, batch_size: int = 1, min_sizes=(128, 160), max_size: int = 224,
+    flip_probability: float = 0.5, variant: str = "tiny", init: str | None = None, init_text: str | None = "minilm",
+    freeze_text: bool = False, lr: float = 1e-4, lang_lr: float = 1e-5, warmup_steps: int = 0, schedule: str = "step",
+    workers: int = 1, cpus_per_worker: int = 2, checkpoint_every: int = 2, log_every: int = 1, fail_at_step: int | None = None,
+) -> TrainConfig:
+    return TrainConfig(
         out=str(out),
-        sources=(SourceSpec(kind="coco", paths=(str(json_path),), images=str(images)),),
-        steps=4,
-        batch_size=1,
-        min_sizes=(128, 160),
-        max_size=224,
+        steps=steps,
         seed=3,
-        checkpoint_every=2,
-        log_every=1,
-        cpus_per_worker=2,
-        init_text="minilm",
+        log_every=log_every,
+        fail_at_step=fail_at_step,
+        model=StudentModel(variant=variant, init=init, init_text=init_text, freeze_text=freeze_text),
+        data=DataConfig(
+            sources=(SourceSpec(kind="coco", paths=(str(json_path),), images=str(images)),),
+            batch_size=batch_size,
+            augment=AugmentSettings(min_sizes=min_sizes, max_size=max_size, flip_probability=flip_probability),
+        ),
+        optimizer=OptimizerConfig(lr=lr, lang_lr=lang_lr, warmup_steps=warmup_steps, schedule=schedule),
+        resources=Resources(workers=workers, cpus_per_worker=cpus_per_worker),
+        checkpoints=CheckpointPolicy(every=checkpoint_every),
     )
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -78,15 +84,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lr_schedule_warmup_steps_and_cosine():
-    config = TrainConfig(variant="tiny", out="x", sources=(), steps=100, warmup_steps=10)
-    assert lr_factor(0, config) == pytest.approx(1 / 3)
-    assert lr_factor(5, config) == pytest.approx(1 / 3 * 0.5 + 0.5)
-    assert lr_factor(10, config) == 1.0 and lr_factor(66, config) == 1.0
-    assert lr_factor(67, config) == pytest.approx(0.1) and lr_factor(89, config) == pytest.approx(0.01)
-    cosine = TrainConfig(variant="tiny", out="x", sources=(), steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
-    assert lr_factor(10, cosine) == 1.0
-    assert lr_factor(60, cosine) == pytest.approx(0.5)
-    assert lr_factor(110, cosine) == pytest.approx(0.0, abs=1e-12)
+    step = OptimizerConfig(warmup_steps=10)
+    assert lr_factor(0, step, steps=100) == pytest.approx(1 / 3)
+    assert lr_factor(5, step, steps=100) == pytest.approx(1 / 3 * 0.5 + 0.5)
+    assert lr_factor(10, step, steps=100) == 1.0 and lr_factor(66, step, steps=100) == 1.0
+    assert lr_factor(67, step, steps=100) == pytest.approx(0.1) and lr_factor(89, step, steps=100) == pytest.approx(0.01)
+    cosine = OptimizerConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
+    assert lr_factor(10, cosine, steps=110) == 1.0
+    assert lr_factor(60, cosine, steps=110) == pytest.approx(0.5)
+    assert lr_factor(110, cosine, steps=110) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_optimizer_groups_language_lr_and_no_decay_on_bias():
@@ -98,8 +104,7 @@ def test_optimizer_groups_language_lr_and_no_decay_on_bias():
             self.frozen = torch.nn.Linear(2, 2)
             self.frozen.requires_grad_(False)
 
-    config = TrainConfig(variant="tiny", out="x", sources=(), steps=1, lr=1e-4, lang_lr=1e-5, weight_decay=0.05)
-    optimizer = make_optimizer(Tiny(), config)
+    optimizer = make_optimizer(Tiny(), OptimizerConfig(lr=1e-4, lang_lr=1e-5, weight_decay=0.05))
     groups = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in optimizer.param_groups}
     assert groups == {(1e-5, 0.05): 1, (1e-5, 0.0): 1, (1e-4, 0.05): 1, (1e-4, 0.0): 1}
 
@@ -232,7 +237,7 @@ def test_freeze_text_keeps_the_text_encoder_and_trains_the_rest(ray_cluster, tmp
 
     config = _config(tmp_path / "frozen", overfit_json, shared_data / IMAGES, variant="tiny-cpu", steps=2, freeze_text=True,
                      workers=2, cpus_per_worker=1, lang_lr=1e-3)
-    start = build_student(config).state_dict()
+    start = build_student(config.model, seed=config.seed).state_dict()
     after = {k.removeprefix("module."): v for k, v in _weights(Path(run_training(config).student)).items()}  # official layout
     text = [k for k in start if k.startswith("language_backbone.") and k in after]
     assert len(text) > 50 and all(torch.equal(start[k], after[k]) for k in text)
