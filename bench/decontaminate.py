@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.images import decode_gray_small, decode_rgb  # noqa: E402
-from pipeline.near_duplicates import DECODE_SIDE, EvalHashes, image_hashes, nearest_match  # noqa: E402
+from pipeline.io.images import decode_gray_small, decode_rgb  # noqa: E402
+from pipeline.stages.near_duplicates import DECODE_SIDE, EvalHashes, image_hashes, nearest_match  # noqa: E402
 
 
 def rate(work, images: list[bytes], *, repeat: int, rounds: int) -> float:

@@ -203,7 +203,7 @@ def parity_rows(cpu_model, device_model, variant: str, plan: CheckPlan, device: 
 def hf_teacher_rows(teacher: str, plan: CheckPlan, device: torch.device) -> list[Row]:
     """A transformers teacher (`--hf-teacher hf:DIR`): `predict` images/s at batch 4 in fp32 and
     bf16 on the device, and its detections (fp32, bf16) against the same folder on the CPU."""
-    from pipeline.teachers import inspect_teacher, load_teacher
+    from pipeline.stages.teachers import inspect_teacher, load_teacher
 
     source = inspect_teacher(teacher)
     variant = f"{source.kind} {source.identity.name}"
@@ -298,11 +298,11 @@ def train_rows(variant: str, plan: CheckPlan, device: torch.device) -> list[Row]
     """Samples/s and peak memory of train-student steps with gradient checkpointing at batch 2."""
     from model.loss import GLIPLoss
     from model.text import load_tokenizer
-    from pipeline.train_config import OptimizerConfig, StudentModel
-    from pipeline.train_data import AugmentSettings, SourceSpec
-    from pipeline.train_data.loader import TrainLoader
-    from pipeline.train_data.mixing import MixedSampleStream
-    from pipeline.train_loop import build_student, make_optimizer, make_scheduler
+    from pipeline.train.config import OptimizerConfig, StudentModel
+    from pipeline.train.data import AugmentSettings, SourceSpec
+    from pipeline.train.data.loader import TrainLoader
+    from pipeline.train.data.mixing import MixedSampleStream
+    from pipeline.train.loop import build_student, make_optimizer, make_scheduler
 
     coco = SHARED / "coco_mini"
     spec = SourceSpec(kind="coco", paths=(str(coco / "annotations/instances_train2017_subset.json"),), images=str(coco / "train2017"))

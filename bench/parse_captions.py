@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 from nlp.phrases import ExtractorSettings, PhraseExtractor  # noqa: E402
 from nlp.pipeline_loader import load_english_pipeline, pipeline_identity  # noqa: E402
 from pipeline.cluster import init_ray, shutdown_ray  # noqa: E402
-from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions  # noqa: E402
-from pipeline.phrases_file import read_phrases_file  # noqa: E402
+from pipeline.io.phrases_file import read_phrases_file  # noqa: E402
+from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions  # noqa: E402
 
 SHARD_SIZE = 1000
 

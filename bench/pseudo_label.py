@@ -35,7 +35,7 @@ def prepare_world(work: Path, *, images: int, shards: int) -> list[tuple[str, by
     """`images` COCO samples packed into `shards` WebDataset tars under `work/shards`, their
     captions parsed into `work/phrases`; returns the (key, jpeg bytes, caption) samples."""
     from nlp.phrases import ExtractorSettings
-    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
+    from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
 
     samples = coco_samples(SHARED, images)
     per_shard = -(-len(samples) // shards)
@@ -76,8 +76,8 @@ def bare_loop_rate(predictor, work: Path, samples, *, batch_size: int) -> float:
 def run_stage(work: Path, teacher: Path, *, min_size: int, max_size: int, batch_size: int, threads: int,
               num_gpus: float = 0.0, bf16: bool = False) -> dict:
     """`pipeline pseudo-label` on `work/shards` with one actor; returns its `_stats.json` dict."""
-    from pipeline.filtering import get_preset
-    from pipeline.pseudo_label import PseudoLabelConfig, run_pseudo_label
+    from pipeline.stages.filtering import get_preset
+    from pipeline.stages.pseudo_label import PseudoLabelConfig, run_pseudo_label
 
     return run_pseudo_label(
         PseudoLabelConfig(

@@ -23,11 +23,11 @@ import torch
 
 from model.loss import GLIPLoss, total_loss
 from model.text import load_tokenizer
-from pipeline.train_data import AugmentSettings, SourceSpec
-from pipeline.train_data.loader import TrainLoader
-from pipeline.train_data.mixing import MixedSampleStream
-from pipeline.train_config import OptimizerConfig, StudentModel
-from pipeline.train_loop import build_student, make_optimizer, make_scheduler
+from pipeline.train.config import OptimizerConfig, StudentModel
+from pipeline.train.data import AugmentSettings, SourceSpec
+from pipeline.train.data.loader import TrainLoader
+from pipeline.train.data.mixing import MixedSampleStream
+from pipeline.train.loop import build_student, make_optimizer, make_scheduler
 
 SHARED = Path(os.environ.get("GLIP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 

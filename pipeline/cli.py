@@ -11,16 +11,16 @@ from __future__ import annotations
 import typer
 
 from jobs.submit import job_app, submit_command
-from pipeline.calibrate import calibrate_command
-from pipeline.decontaminate import decontaminate_command
-from pipeline.demo import demo_command
-from pipeline.evaluate import evaluate
-from pipeline.filter_stage import filter_command
-from pipeline.ground import ground
-from pipeline.inspect_labels import export_command, show_command, stats_command
-from pipeline.parse_captions import parse_captions_command
-from pipeline.pseudo_label import pseudo_label_command
-from pipeline.train_student import train_student
+from pipeline.demo.run import demo_command
+from pipeline.evaluation.calibrate import calibrate_command
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.ground import ground
+from pipeline.stages.decontaminate import decontaminate_command
+from pipeline.stages.filter_stage import filter_command
+from pipeline.stages.inspect_labels import export_command, show_command, stats_command
+from pipeline.stages.parse_captions import parse_captions_command
+from pipeline.stages.pseudo_label import pseudo_label_command
+from pipeline.train.student import train_student
 
 
 def build_app() -> typer.Typer:

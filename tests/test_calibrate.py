@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.calibrate import CalibrateConfig, names_category, positives_needed, run_calibrate
 from pipeline.cli import app
-from pipeline.evaluate import load_gold, pseudo_predictions, score_boxes, xyxy_to_coco
-from pipeline.filtering import Box, FilterPolicy, apply_policy, load_policy_file
-from pipeline.labels_io import DetectionRow, write_detections
+from pipeline.evaluation.calibrate import CalibrateConfig, names_category, positives_needed, run_calibrate
+from pipeline.evaluation.evaluate import load_gold, pseudo_predictions, score_boxes, xyxy_to_coco
+from pipeline.io.labels_io import Box, DetectionRow, write_detections
+from pipeline.stages.filtering import FilterPolicy, apply_policy, load_policy_file
 from tests.pseudo_fixtures import COCO_IMAGES, write_shard
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
@@ -114,7 +114,7 @@ def test_policy_file_reaches_the_target_and_reproduces_apply_policy(world, calib
     assert calibration["by_match"]["phrase"]["precision"] <= calibration["by_match"]["agnostic"]["precision"]
     # The one-pass curve equals `score_boxes` of what `apply_policy` keeps, at any threshold.
     gold = load_gold(world / "sample.json")
-    from pipeline.labels_io import read_detections
+    from pipeline.io.labels_io import read_detections
 
     rows = [row for shard in sorted((world / "pl" / "detections").glob("*.parquet")) for row in read_detections(str(shard))[0]]
     by_key = {row.key: row for row in rows}
@@ -195,7 +195,7 @@ def test_refusals_are_one_line_with_exit_2(world, shared_data, tmp_path):
 def test_demo_calibration_on_a_random_part_and_the_rest(world, shared_data):
     # The demo's section end to end on real boxes: half of the images drawn as the checked
     # sample, the calibrated policy filtered over all shards, rated on the other half.
-    from pipeline.demo_calibration import DemoCalibration, calibrate_on_part
+    from pipeline.demo.calibration import DemoCalibration, calibrate_on_part
 
     coco = json.loads((shared_data / COCO).read_text())
     (world / "all.json").write_text(json.dumps(coco))

@@ -155,9 +155,9 @@ def _alt_text_shards(shared_data: Path, folder: Path) -> list[str]:
 
 def _assert_equal_to_in_process_worker(shards: Path, out: Path, names: list[str], reference: Path) -> None:
     from nlp.phrases import ExtractorSettings
-    from pipeline.parse_captions import CaptionShardWorker
-    from pipeline.shards import CaptionColumns
-    from pipeline.stage import run_shard
+    from pipeline.io.shards import CaptionColumns
+    from pipeline.stages.parse_captions import CaptionShardWorker
+    from pipeline.stages.stage import run_shard
     from tests.test_parse_captions import comparable, task_for
 
     worker = CaptionShardWorker(
@@ -209,7 +209,7 @@ def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, 
     """`pipeline job stop` kills the job's driver (and its Ray Data actors) once a shard is out;
     the same command submitted again skips the finished shards, and every output equals the
     in-process worker's, row by row."""
-    from pipeline import storage
+    from pipeline.io import storage
 
     shards, out = tmp_path / "shards", tmp_path / "out"
     names = _alt_text_shards(shared_data, shards)

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.shards import iter_webdataset_members
+from pipeline.io.shards import iter_webdataset_members
 from tests.pseudo_fixtures import COCO_IMAGES, add_member, encoded
 
 KINDS = ("resize", "recompress", "crop", "flip")

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.train_config import setting
+from pipeline.train.config import setting
 
 
 ROUND_2_STUDENT = "round 2: train student"
@@ -107,7 +107,7 @@ def test_resumed_rounds_skip_finished_stages_and_chain_teachers(demo):
 def test_decontamination_and_calibration_sections(demo):
     import pyarrow.parquet as pq
 
-    from pipeline.shards import iter_webdataset_members
+    from pipeline.io.shards import iter_webdataset_members
 
     report = json.loads((demo / "report.json").read_text())
     clean = report["decontamination"]
@@ -144,8 +144,8 @@ def test_decontamination_and_calibration_sections(demo):
 
 def test_report_numbers_are_sane_and_reproducible(demo):
     from model.predict import GLIPPredictor
-    from pipeline.evaluate import evaluate_model, load_gold, pseudo_predictions, score_boxes
-    from pipeline.demo import SCHEDULES
+    from pipeline.demo.run import SCHEDULES
+    from pipeline.evaluation.evaluate import evaluate_model, load_gold, pseudo_predictions, score_boxes
 
     report = json.loads((demo / "report.json").read_text())
     test = json.loads((demo / "world/test/instances.json").read_text())
@@ -162,7 +162,7 @@ def test_report_numbers_are_sane_and_reproducible(demo):
     student = report["models"]["student"]
     assert again.ap["AP"] == pytest.approx(student["AP"], abs=1e-9)
     # Base and tail AP are the means of the per-kind APs pycocotools gives.
-    from pipeline.world import BASE_KINDS, TAIL_KINDS
+    from pipeline.demo.world import BASE_KINDS, TAIL_KINDS
 
     assert student["AP_base"] == pytest.approx(again.group_ap(BASE_KINDS)) and student["AP_tail"] == pytest.approx(again.group_ap(TAIL_KINDS))
     per_kind = [v for v in again.category_ap.values() if v >= 0]
@@ -205,8 +205,8 @@ def test_report_html_and_gallery(demo):
 
 
 def test_resume_refuses_a_folder_without_a_demo_and_other_settings(tmp_path):
-    from pipeline.demo import SCHEDULES, _resume_settings
-    from pipeline.demo_state import DemoState
+    from pipeline.demo.run import SCHEDULES, _resume_settings
+    from pipeline.demo.state import DemoState
 
     runner = CliRunner()
     result = runner.invoke(app, ["demo", "--size", "small", "--out", str(tmp_path / "none"), "--resume"])

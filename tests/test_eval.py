@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.evaluate import (
+from pipeline.evaluation.evaluate import (
     AP_KEYS,
     EvalError,
     load_gold,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.filtering import get_preset
-from pipeline.labels_io import read_detections
+from pipeline.io.labels_io import read_detections
+from pipeline.stages.filtering import get_preset
 from tests.test_pseudo_label import phrases, world  # noqa: F401  (module fixtures, re-made here)
 
 
@@ -32,7 +32,7 @@ def ray_local():
 
 
 def _config(world, phrases, out: Path):  # noqa: F811
-    from pipeline.pseudo_label import PseudoLabelConfig
+    from pipeline.stages.pseudo_label import PseudoLabelConfig
 
     return PseudoLabelConfig(
         inputs=(str(world["shards"]),), phrases=str(phrases), teacher=str(world["teacher"]), out=str(out),
@@ -52,7 +52,7 @@ def _worker_pids() -> list[int]:
 
 
 def test_worker_killed_mid_stage_is_replaced_and_output_is_exact(world, phrases, ray_local, tmp_path):  # noqa: F811
-    from pipeline.pseudo_label import run_pseudo_label
+    from pipeline.stages.pseudo_label import run_pseudo_label
 
     reference = tmp_path / "reference"
     run_pseudo_label(_config(world, phrases, reference))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.filtering import PRESETS, Box, FilterPolicy, apply_policy, get_preset
+from pipeline.io.labels_io import Box
+from pipeline.stages.filtering import PRESETS, FilterPolicy, apply_policy, get_preset
 
 W, H = 200, 100
 DOG_A = Box((10, 10, 60, 60), 0.9, 0)  # phrase 0 "a dog"
@@ -59,7 +60,7 @@ def test_presets_and_overrides_are_validated():
 def test_caption_assignment_gives_the_left_over_object_to_the_unknown_phrase():
     # "a red square beside a green hexagon": the teacher knows squares, not the word hexagon, so
     # both objects score best on "a red square". Assigned jointly, the hexagon gets the phrase left.
-    from pipeline.filtering import Box, FilterPolicy, apply_policy, phrase_count
+    from pipeline.stages.filtering import FilterPolicy, apply_policy, phrase_count
 
     square, hexagon = (10.0, 10.0, 50.0, 50.0), (70.0, 10.0, 110.0, 50.0)
     boxes = [Box(square, 0.9, 0), Box(square, 0.3, 1), Box(hexagon, 0.7, 0), Box((71.0, 11.0, 110.0, 50.0), 0.35, 1)]

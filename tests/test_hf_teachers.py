@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from model.checkpoint import file_sha256
 from pipeline.cli import app
-from pipeline.teachers import inspect_teacher, load_teacher, resolve_device
+from pipeline.stages.teachers import inspect_teacher, load_teacher, resolve_device
 from tests.hf_fixtures import GD_MAX_TEXT_LEN
 
 IMAGES = ["coco_mini/train2017/000000000790.jpg", "coco_mini/train2017/000000030752.jpg"]

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from model.predict import Detections
 from pipeline.cli import app
-from pipeline.labels_io import read_detections
-from pipeline.phrases_file import read_phrases_file
+from pipeline.io.labels_io import read_detections
+from pipeline.io.phrases_file import read_phrases_file
 from tests.pseudo_fixtures import add_member, coco_samples, tiny_teacher, write_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.images import ImageDecodeError, decode_rgb
+from pipeline.io.images import ImageDecodeError, decode_rgb
 from tests.pseudo_fixtures import coco_samples, odd_images
 
 

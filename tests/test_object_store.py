@@ -75,8 +75,8 @@ def _parse_captions_with_resume(fs, scheme: str, tmp_path, shared_data) -> None:
     import ray
 
     from nlp.phrases import ExtractorSettings
-    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
-    from pipeline.phrases_file import read_phrases_file
+    from pipeline.io.phrases_file import read_phrases_file
+    from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
 
     samples = coco_samples(shared_data, 10)
     for shard, chunk in (("00000", samples[:6]), ("00001", samples[6:])):
@@ -105,7 +105,7 @@ def test_parse_captions_s3_to_s3_with_resume(s3, tmp_path, shared_data):
 
 
 def test_parse_captions_gs_to_gs_with_resume_and_a_gs_checkpoint(gcs, tmp_path, shared_data, monkeypatch):
-    from pipeline import storage
+    from pipeline.io import storage
 
     _parse_captions_with_resume(gcs, "gs", tmp_path, shared_data)
     # A checkpoint on GCS: downloaded once into the cache, re-downloaded when the object changes.
@@ -131,8 +131,8 @@ def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shar
 
     from nlp.phrases import ExtractorSettings
     from pipeline.cli import app
-    from pipeline.labels_io import read_detections
-    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
+    from pipeline.io.labels_io import read_detections
+    from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
     from tests.pseudo_fixtures import tiny_teacher
 
     monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
@@ -179,11 +179,11 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
     import torch
 
     from model.checkpoint import load_glip
-    from pipeline import storage
-    from pipeline.train_config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
-    from pipeline.train_data import AugmentSettings, SourceSpec
-    from pipeline.train_loop import build_student
-    from pipeline.train_student import run_training
+    from pipeline.io import storage
+    from pipeline.train.config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
+    from pipeline.train.data import AugmentSettings, SourceSpec
+    from pipeline.train.loop import build_student
+    from pipeline.train.student import run_training
 
     monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
     coco = json.loads((shared_data / "coco_mini/annotations/instances_train2017_subset.json").read_text())

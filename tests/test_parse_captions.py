@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from nlp.cleaning import clean_caption
 from nlp.phrases import ExtractorSettings
-from pipeline import storage
-from pipeline.parse_captions import CaptionShardWorker, ParseCaptionsConfig, read_done_report, run_parse_captions
-from pipeline.phrases_file import PHRASES_SCHEMA, read_phrases_file, read_phrases_metadata
-from pipeline.shard_report import ShardTask
-from pipeline.shards import CaptionColumns, ShardReadError, discover_shards, read_caption_records, shard_id_of
-from pipeline.stage import plan_shards, run_shard
+from pipeline.io import storage
+from pipeline.io.phrases_file import PHRASES_SCHEMA, read_phrases_file, read_phrases_metadata
+from pipeline.io.shard_report import ShardTask
+from pipeline.io.shards import CaptionColumns, ShardReadError, discover_shards, read_caption_records, shard_id_of
+from pipeline.stages.parse_captions import CaptionShardWorker, ParseCaptionsConfig, read_done_report, run_parse_captions
+from pipeline.stages.stage import plan_shards, run_shard
 
 BAD_CAPTIONS: dict[str, bytes] = {
     "bad_empty": b"",

@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from nlp.phrases import ExtractorSettings
-from pipeline import storage
-from pipeline.parse_captions import CaptionShardWorker, run_parse_captions
-from pipeline.phrases_file import read_phrases_file
-from pipeline.shards import CaptionColumns
-from pipeline.stage import run_shard
+from pipeline.io import storage
+from pipeline.io.phrases_file import read_phrases_file
+from pipeline.io.shards import CaptionColumns
+from pipeline.stages.parse_captions import CaptionShardWorker, run_parse_captions
+from pipeline.stages.stage import run_shard
 from tests.test_parse_captions import (  # noqa: F401  (fixtures are used by name)
     captions,
     comparable,

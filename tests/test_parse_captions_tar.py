@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import ShardReadError, iter_webdataset_samples
+from pipeline.io.shards import ShardReadError, iter_webdataset_samples
 
 
 def build(members: list[tuple[str, bytes | None]], *, format: int = tarfile.PAX_FORMAT) -> bytes:

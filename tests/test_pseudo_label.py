@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from model.checkpoint import file_sha256
 from pipeline.cli import app
-from pipeline.filtering import get_preset
-from pipeline.labels_io import filter_row, iter_pseudo_samples, read_detections
+from pipeline.io.labels_io import iter_pseudo_samples, read_detections
+from pipeline.stages.filtering import filter_row, get_preset
 from tests.pseudo_fixtures import coco_samples, odd_images, tiny_teacher, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def world(tmp_path_factory, shared_data):
 @pytest.fixture(scope="module")
 def phrases(world, ray_local):
     from nlp.phrases import ExtractorSettings
-    from pipeline.parse_captions import ParseCaptionsConfig, run_parse_captions
+    from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
 
     out = world["root"] / "phrases"
     run_parse_captions(ParseCaptionsConfig(inputs=(str(world["shards"]),), out=str(out), settings=ExtractorSettings(), workers=1))
@@ -91,7 +91,7 @@ def labelled(world, phrases, ray_local):
 
 
 def _source_samples(shards: Path) -> dict[str, dict[str, bytes]]:
-    from pipeline.shards import iter_webdataset_samples
+    from pipeline.io.shards import iter_webdataset_samples
 
     found = {}
     for shard in sorted(shards.glob("*.tar")):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

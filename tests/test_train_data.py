@@ -25,12 +25,12 @@ from model.train_targets import (
     swap_left_right,
     xywh_to_xyxy,
 )
-from pipeline.shards import iter_webdataset_samples
-from pipeline.train_data.loader import TrainLoader
-from pipeline.train_data.mixing import MixedSampleStream
-from pipeline.train_data.pseudo_stream import PseudoShardStream, list_pseudo_shards
-from pipeline.train_data.sources import CocoDetectionSource, GroundingJsonSource, OdvgSource
-from pipeline.train_data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
+from pipeline.io.shards import iter_webdataset_samples
+from pipeline.train.data.loader import TrainLoader
+from pipeline.train.data.mixing import MixedSampleStream
+from pipeline.train.data.pseudo_stream import PseudoShardStream, list_pseudo_shards
+from pipeline.train.data.sources import CocoDetectionSource, GroundingJsonSource, OdvgSource
+from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
 from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"

@@ -15,10 +15,10 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.train_config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
-from pipeline.train_data import AugmentSettings, SourceSpec
-from pipeline.train_loop import lr_factor, make_optimizer
-from pipeline.train_student import TrainingInterrupted, run_training
+from pipeline.train.config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
+from pipeline.train.data import AugmentSettings, SourceSpec
+from pipeline.train.loop import lr_factor, make_optimizer
+from pipeline.train.student import TrainingInterrupted, run_training
 from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
@@ -233,7 +233,7 @@ def test_init_from_checkpoint_keeps_weights_at_zero_lr(ray_cluster, tmp_path, ov
 def test_freeze_text_keeps_the_text_encoder_and_trains_the_rest(ray_cluster, tmp_path, overfit_json, shared_data):
     """`--freeze-text` on the demo's `tiny-cpu` variant with two 1-CPU DDP workers: the text
     encoder leaves training exactly as all-MiniLM-L6-v2 loaded it, the head does not."""
-    from pipeline.train_loop import build_student
+    from pipeline.train.loop import build_student
 
     config = _config(tmp_path / "frozen", overfit_json, shared_data / IMAGES, variant="tiny-cpu", steps=2, freeze_text=True,
                      workers=2, cpus_per_worker=1, lang_lr=1e-3)

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.shards import iter_webdataset_samples
-from pipeline.world import BASE_KINDS, COLOURS, COPY_KINDS, KINDS, SIZES, TAIL_KINDS, write_world
+from pipeline.demo.world import BASE_KINDS, COLOURS, COPY_KINDS, KINDS, SIZES, TAIL_KINDS, write_world
+from pipeline.io.shards import iter_webdataset_samples
 
 
 def _digest(root: Path) -> str:

@@ -1,0 +1,163 @@
+"""Merging per-shard reports into the `_stats.json` every stage writes beside its outputs.
+
+`_stats.json` keys:
+* `stage`, `inputs` (as given), `out`, `started_at`/`finished_at` (UTC ISO-8601);
+* `shards`: `total`, `written` (this run), `already_done` (skipped at start: outputs
+  existed), `failed`, and `failed_shards` ({shard id: reason}; no output was written for
+  them, a re-run retries them);
+* `samples`, `written` and every stage counter summed over all finished shards (this run
+  and earlier runs, whose reports are read back from their outputs);
+* `skipped`: {reason: {"count": n, "examples": [keys]}};
+* `members_ignored`: {kind: n}, tar members that are no sample part (`symlink`, `hardlink`,
+  `directory`, `device`, `fifo`, `metadata`, `no_extension`): with `tar_members` (all of
+  them) a user can reconcile a tar's contents with the samples;
+* `throughput`: this run only: `seconds` (driver wall time from submitting the first task
+  to the last result; Ray start-up excluded), `samples_per_s`, `startup_seconds` (until the
+  first shard began: actor spawn and model load), `steady_samples_per_s` (samples over
+  `seconds - startup_seconds`), `shards_per_s`, `worker_seconds` (sum over shards), `workers`;
+* `settings` and `versions`: as passed by the stage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+
+from pipeline.io import storage
+from pipeline.io.shard_report import MAX_EXAMPLE_KEYS, ShardReport
+
+STATS_FILE = "_stats.json"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class StageStats:
+    """Accumulates `ShardReport`s of one stage run (and of earlier runs, on resume)."""
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        inputs: Sequence[str],
+        out: str,
+        total_shards: int,
+        settings: dict[str, object],
+        versions: dict[str, str],
+    ) -> None:
+        self.stage = stage
+        self.inputs = list(inputs)
+        self.out = out
+        self.total_shards = total_shards
+        self.settings = settings
+        self.versions = versions
+        self.started_at = utc_now()
+        self.reports: dict[str, tuple[ShardReport, bool]] = {}
+
+    def add(self, report: ShardReport, *, earlier_run: bool = False) -> None:
+        """Record one shard; `earlier_run` marks shards found finished at start (no throughput)."""
+        self.reports[report.shard_id] = (report, earlier_run)
+
+    def to_dict(self, *, seconds: float, workers: int, startup_seconds: float = 0.0) -> dict[str, object]:
+        """The `_stats.json` content; shards are merged in shard-id order, so it does not
+        depend on which worker finished first."""
+        seconds = max(seconds, 1e-9)
+        failed: dict[str, str] = {}
+        written_now = already_done = samples = written = samples_now = 0
+        worker_seconds = 0.0
+        counters: dict[str, int] = {}
+        skipped: dict[str, dict[str, object]] = {}
+        members_ignored: dict[str, int] = {}
+        for shard_id in sorted(self.reports):
+            report, earlier_run = self.reports[shard_id]
+            if report.error is not None:
+                failed[shard_id] = report.error
+                continue
+            if earlier_run:
+                already_done += 1
+            else:
+                written_now += 1
+                samples_now += report.samples
+                worker_seconds += report.seconds
+            samples += report.samples
+            written += report.written
+            for name, value in report.counters.items():
+                counters[name] = counters.get(name, 0) + value
+            for kind, value in report.members_ignored.items():
+                members_ignored[kind] = members_ignored.get(kind, 0) + value
+            for reason, count in report.skipped.items():
+                entry = skipped.setdefault(reason, {"count": 0, "examples": []})
+                entry["count"] = int(entry["count"]) + count  # type: ignore[call-overload]
+                examples = entry["examples"]
+                assert isinstance(examples, list)
+                examples.extend(report.examples.get(reason, [])[: MAX_EXAMPLE_KEYS - len(examples)])
+        return {
+            "stage": self.stage,
+            "inputs": self.inputs,
+            "out": self.out,
+            "started_at": self.started_at,
+            "finished_at": utc_now(),
+            "shards": {
+                "total": self.total_shards,
+                "written": written_now,
+                "already_done": already_done,
+                "failed": len(failed),
+                "failed_shards": failed,
+            },
+            "samples": samples,
+            "written": written,
+            **dict(sorted(counters.items())),
+            "skipped": dict(sorted(skipped.items())),
+            "members_ignored": dict(sorted(members_ignored.items())),
+            "throughput": {
+                "seconds": round(seconds, 3),
+                "samples_per_s": round(samples_now / seconds, 2),
+                "startup_seconds": round(startup_seconds, 3),
+                "steady_samples_per_s": round(samples_now / max(seconds - startup_seconds, 1e-9), 2),
+                "shards_per_s": round(written_now / seconds, 4),
+                "worker_seconds": round(worker_seconds, 3),
+                "workers": workers,
+            },
+            "settings": self.settings,
+            "versions": self.versions,
+        }
+
+
+def write_stats(out: str, stats: dict[str, object]) -> str:
+    """Write `stats` as `{out}/_stats.json` atomically (written last by every stage); returns its URI."""
+    uri = storage.join(out, STATS_FILE)
+    storage.write_atomic(uri, (json.dumps(stats, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    return uri
+
+
+def print_summary(stats: dict[str, object], out: str, *, counts: str) -> None:
+    """One closing line for a stage run (`counts` says what was made), then an error per failed shard.
+
+    When any shard failed (after the runner's bounded retries) it ends the command with exit
+    code 1 (`typer.Exit`), so a script, a Ray job or a KubeRay `RayJob` sees the run as failed
+    although every other shard's output is written; a re-run retries only the failed shards.
+    """
+    import sys
+
+    import typer
+
+    shards = stats["shards"]
+    throughput = stats["throughput"]
+    assert isinstance(shards, dict) and isinstance(throughput, dict)
+    print(
+        f"{stats['stage']}: {shards['written']} shard(s) written, {shards['already_done']} already done, "
+        f"{shards['failed']} failed; {counts}; {throughput['samples_per_s']:,} samples/s this run. "
+        f"Stats: {out.rstrip('/')}/_stats.json"
+    )
+    failed = dict(shards["failed_shards"])
+    for shard_id, reason in failed.items():
+        print(f"error: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)
+    if failed:
+        print(
+            f"error: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); every other shard is written. "
+            f"Reasons: failed_shards in {out.rstrip('/')}/_stats.json",
+            file=sys.stderr,
+        )
+        raise typer.Exit(code=1)

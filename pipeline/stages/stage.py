@@ -1,0 +1,212 @@
+"""The per-shard stage runner every stage uses (parse-captions, pseudo-label, filter).
+
+Contract (DESIGN.md, STYLE.md 5):
+1. `plan_shards`: list input shards; a shard is done when its output marker
+   `{out}/{shard}{suffix}` exists (the last file its worker writes, atomically); done shards
+   are skipped unless `overwrite`. Temporaries left by a killed run are removed.
+2. `run_stage`: run each pending shard through a worker on Ray Data: a Dataset of task rows,
+   `map_batches` over a callable actor class (`ShardActor`, built once per actor from the
+   stage's picklable `worker_factory`), `batch_size=1` shard per call,
+   a fixed pool of `workers` actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`. The worker reads its
+   shard, writes the outputs (data first, marker last) and returns a `ShardReport`; an
+   exception in one shard becomes that shard's `error`, the job goes on. Failed shards are
+   run again in up to `StageRun.retries` more passes (fresh actors); a shard still failing
+   is reported with its last reason and "(failed N attempts)". A worker process that dies
+   mid-shard is restarted by Ray Data and the shard re-run; its partial output never had a
+   final name, so every sample is written exactly once.
+3. The driver streams reports as shards finish (progress lines on stderr), merges them with
+   the reports of shards done by earlier runs (`read_done_report`), and writes
+   `{out}/_stats.json` last.
+
+A worker is any callable `worker(task: ShardTask) -> ShardReport`; `worker_factory()`
+builds it inside the actor so heavy state (a spaCy pipeline, a model) loads once per actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TextIO
+
+from pipeline.cluster import init_ray, shutdown_ray
+from pipeline.io import storage
+from pipeline.io.progress import ProgressReporter
+from pipeline.io.shard_report import ShardReport, ShardTask
+from pipeline.io.shards import ShardSource
+from pipeline.io.stage_stats import StageStats, write_stats
+
+ShardWorker = Callable[[ShardTask], ShardReport]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardPlan:
+    """Shards to run now (`pending`) and shards whose output already exists (`done`)."""
+
+    pending: list[ShardTask]
+    done: list[ShardTask]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageRun:
+    """How to run a stage: where, how wide, and on what resources per worker."""
+
+    stage: str
+    out: str
+    suffix: str
+    overwrite: bool = False
+    workers: int | None = None  # None: one per CPU of the (embedded or joined) cluster
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    show_ray_progress: bool = False  # Ray Data's own progress bars (off: our lines are enough)
+    # Folder of the per-shard output markers when it is not `out` itself (pseudo-label writes
+    # `out/detections/` and `out/pseudo/`, the tar being the marker, and `out/_stats.json`).
+    marker_dir: str | None = None
+    # A shard whose worker fails is run again (a fresh pass over the failed shards) up to
+    # `retries` times; then it is reported in `_stats.json` as failed, with the last reason.
+    retries: int = 2
+
+
+def plan_shards(shards: Sequence[ShardSource], *, out: str, suffix: str, overwrite: bool) -> ShardPlan:
+    """Split `shards` into pending and done by the presence of `{out}/{shard_id}{suffix}`.
+
+    Lists `out` once (cheap on object stores) and deletes temporaries of a killed writer.
+    Raises ValueError when an output would overwrite one of the inputs.
+    """
+    names = set(storage.list_names(out))
+    for name in sorted(names):
+        if storage.is_temporary_name(name):
+            storage.remove(storage.join(out, name))
+    inputs = {resolved_uri(shard.uri) for shard in shards}
+    pending, done = [], []
+    for shard in shards:
+        output_uri = storage.join(out, f"{shard.shard_id}{suffix}")
+        if resolved_uri(output_uri) in inputs:
+            raise ValueError(f"output {output_uri} would overwrite an input shard: choose another --out")
+        task = ShardTask(shard_id=shard.shard_id, input_uri=shard.uri, kind=shard.kind, output_uri=output_uri)
+        finished = f"{shard.shard_id}{suffix}" in names
+        (done if finished and not overwrite else pending).append(task)
+    return ShardPlan(pending=pending, done=done)
+
+
+def resolved_uri(uri: str) -> str:
+    return storage.resolve(uri).uri
+
+
+def run_stage(
+    run: StageRun,
+    *,
+    shards: Sequence[ShardSource],
+    inputs: Sequence[str],
+    worker_factory: Callable[[], ShardWorker],
+    read_done_report: Callable[[ShardTask], ShardReport],
+    settings: dict[str, object],
+    versions: dict[str, str],
+    progress_stream: TextIO | None = None,
+) -> dict[str, object]:
+    """Run every pending shard on Ray, then write `_stats.json`; returns the stats dict."""
+    storage.ensure_writable_folder(run.out)
+    markers = run.marker_dir or run.out
+    storage.ensure_writable_folder(markers)
+    plan = plan_shards(shards, out=markers, suffix=run.suffix, overwrite=run.overwrite)
+    stats = StageStats(
+        stage=run.stage, inputs=inputs, out=run.out, total_shards=len(shards), settings=settings, versions=versions
+    )
+    workers = 0
+    startup_seconds: float | None = None
+    started_at = finished_at = time.perf_counter()
+    if plan.pending:
+        import ray
+
+        width = run.workers or 0
+        started = init_ray(run.address, num_cpus=None if run.address else max(os.cpu_count() or 1, width))
+        try:
+            if not width:
+                width = max(1, int(ray.cluster_resources().get("CPU", 1) // max(run.num_cpus, 1e-9)))
+            workers = min(width, len(plan.pending))
+            started_at = time.perf_counter()  # Ray start-up is not stage throughput
+            progress = ProgressReporter(stage=run.stage, total_shards=len(plan.pending), stream=progress_stream)
+            tasks = {task.shard_id: task for task in plan.pending}
+            attempt_tasks = list(plan.pending)
+            for attempt in range(1, run.retries + 2):
+                retry = []
+                for report in run_on_ray(attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory):
+                    if startup_seconds is None:
+                        # The first shard began `report.seconds` before it came back: what precedes
+                        # that is actor start-up (process spawn, model load), not throughput.
+                        startup_seconds = max(0.0, time.perf_counter() - report.seconds - started_at)
+                    if report.error is not None and attempt <= run.retries:
+                        retry.append(tasks[report.shard_id])
+                        continue
+                    if report.error is not None:
+                        report.error = f"{report.error} (failed {attempt} attempts)"
+                    stats.add(report)
+                    progress.update(report)
+                if not retry:
+                    break
+                attempt_tasks = retry
+            finished_at = time.perf_counter()  # before Ray shuts down: not throughput either
+        finally:
+            shutdown_ray(started)
+    seconds = finished_at - started_at
+    for report in _read_reports(plan.done, read_done_report):
+        stats.add(report, earlier_run=True)
+    result = stats.to_dict(seconds=seconds, workers=workers, startup_seconds=startup_seconds or 0.0)
+    write_stats(run.out, result)
+    return result
+
+
+def run_on_ray(
+    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker]
+) -> Iterator[ShardReport]:
+    """Reports of `tasks` processed by `workers` Ray Data actors, in completion order."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = run.show_ray_progress
+    # One block per task, so every actor gets work as soon as it is up.
+    dataset = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
+    reports = dataset.map_batches(
+        ShardActor,
+        fn_constructor_kwargs={"worker_factory": worker_factory},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=run.num_cpus,
+        num_gpus=run.num_gpus or None,
+    )
+    for row in reports.iter_rows():
+        yield ShardReport.from_json(str(row["report"]))
+
+
+class ShardActor:
+    """Ray Data callable class: builds the stage's worker once, then runs one shard per row."""
+
+    def __init__(self, *, worker_factory: Callable[[], ShardWorker]) -> None:
+        self.worker = worker_factory()
+
+    def __call__(self, batch: dict[str, object]) -> dict[str, list[str]]:
+        tasks = [ShardTask.from_json(str(text)) for text in batch["task"]]  # type: ignore[union-attr]
+        return {"report": [run_shard(self.worker, task).to_json() for task in tasks]}
+
+
+def run_shard(worker: ShardWorker, task: ShardTask) -> ShardReport:
+    """`worker(task)`, with any exception turned into a failed report naming the shard."""
+    started = time.perf_counter()
+    try:
+        return worker(task)
+    except Exception as error:  # noqa: BLE001 - one shard's failure is recorded, never fatal
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        return ShardReport.failed(task, f"{task.input_uri}: {detail}", seconds=time.perf_counter() - started)
+
+
+def _read_reports(tasks: Sequence[ShardTask], read: Callable[[ShardTask], ShardReport]) -> list[ShardReport]:
+    """Reports of shards finished by earlier runs, read in parallel (object stores are slow per file)."""
+    if not tasks:
+        return []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, tasks))

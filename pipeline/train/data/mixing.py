@@ -1,0 +1,185 @@
+"""`MixedSampleStream`: the deterministic per-worker sequence of planned samples of a mixture.
+
+Sources are mixed with their `SourceSpec.weight`. Every random decision of sample j on worker
+`rank` derives from (seed, rank, j), so a stream is a pure function of its position: the small
+`state_dict()` (per-source counters, open pseudo shards and their cursors, the recent phrases
+used as negatives) lets `--resume` continue exactly where a run stopped. Grounding captions get
+other samples' phrases appended as negatives (phrases without boxes), within the 256-token
+budget; detection records get a prompt of class names drawn per sample.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from model.train_targets import append_negative_phrases, detection_caption
+from pipeline.train.data.pseudo_stream import PseudoShardStream, list_pseudo_shards
+from pipeline.train.data.records import Record, Span, read_json
+from pipeline.train.data.sources import CocoDetectionSource, GroundingJsonSource, InMemorySource, OdvgSource
+from pipeline.train.data.specs import PseudoWeighting, SourceSpec, TrainDataError
+
+
+def build_source(spec: SourceSpec, *, seed: int, rank: int, world_size: int) -> InMemorySource | PseudoShardStream:
+    if spec.kind == "pseudo":
+        return PseudoShardStream(shards=list_pseudo_shards(spec.paths), seed=seed, rank=rank, world_size=world_size)
+    (path,) = spec.paths
+    if spec.kind == "coco":
+        return CocoDetectionSource(annotations=path, images=spec.images)
+    if spec.kind == "grounding":
+        return GroundingJsonSource(annotations=path, images=spec.images)
+    label_map = read_json(spec.label_map) if spec.label_map else None
+    return OdvgSource(annotations=path, images=spec.images, label_map=label_map)
+
+
+def count_samples(spec: SourceSpec) -> int:
+    """Samples per epoch of one source (all workers together)."""
+    source = build_source(spec, seed=0, rank=0, world_size=1)
+    return source.count_samples() if isinstance(source, PseudoShardStream) else len(source)
+
+
+@dataclass
+class PlannedSample:
+    """A record with its final caption/spans and the seed of its augmentation."""
+
+    record: Record
+    caption: str
+    spans: list[list[Span]]
+    boxes: np.ndarray
+    augment_seed: int
+    source: str
+    weights: np.ndarray | None = None  # [N] loss weight per box (pseudo weighting), None = gold
+    background_weight: float | None = None
+
+
+class MixedSampleStream:
+    """The deterministic per-worker sequence of planned samples of a source mixture.
+
+    Indexable sources are read in a per-epoch permutation (seed, source, epoch) split across
+    workers (this worker takes positions rank, rank + world, ...); pseudo sources stream.
+    `max_negative_phrases` bounds how many recent other-sample phrases are appended to a
+    grounding caption as negatives.
+    """
+
+    def __init__(
+        self,
+        *,
+        specs: Sequence[SourceSpec],
+        tokenizer,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_query_len: int = 256,
+        max_negative_phrases: int = 8,
+        phrase_pool_size: int = 256,
+        pseudo_weighting: PseudoWeighting = PseudoWeighting(),
+    ) -> None:
+        if not specs:
+            raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
+        self.specs = list(specs)
+        self.sources = [build_source(s, seed=seed, rank=rank, world_size=world_size) for s in self.specs]
+        weights = np.asarray([s.weight for s in self.specs], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.tokenizer = tokenizer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.max_query_len = max_query_len
+        self.max_negative_phrases = max_negative_phrases
+        self.pseudo_weighting = pseudo_weighting
+        self.position = 0
+        self.source_counts = [0] * len(self.sources)
+        self.phrase_pool: deque[str] = deque(maxlen=phrase_pool_size)
+        self._token_cache: dict[str, int] = {}
+
+    def count_tokens(self, text: str) -> int:
+        count = self._token_cache.get(text)
+        if count is None:
+            count = len(self.tokenizer.tokenize(text))
+            if len(self._token_cache) < 100_000:
+                self._token_cache[text] = count
+        return count
+
+    def epoch_size(self) -> int:
+        """Samples per epoch on this worker: the sum over sources."""
+        return sum(
+            s.count_samples() if isinstance(s, PseudoShardStream) else len(range(self.rank, len(s), self.world_size))
+            for s in self.sources
+        )
+
+    def _indexed(self, source_index: int) -> Record:
+        source = self.sources[source_index]
+        count = self.source_counts[source_index]
+        size = len(source)
+        local = len(range(self.rank, size, self.world_size)) or size
+        epoch, offset = divmod(count, local)
+        permutation = np.random.default_rng([self.seed, 7, source_index, epoch]).permutation(size)
+        own = permutation[self.rank :: self.world_size] if size >= self.world_size else permutation
+        return source.record(int(own[offset]))
+
+    def _with_negatives(self, record: Record, rng: np.random.Generator) -> str:
+        """The record's caption with up to `max_negative_phrases` recent other-sample phrases
+        appended (none of its own), then its phrases join the pool."""
+        caption = record.caption
+        own = {p.lower() for p in record.phrases()}
+        candidates = list(dict.fromkeys(p for p in self.phrase_pool if p.lower() not in own))
+        wanted = int(rng.integers(self.max_negative_phrases + 1)) if self.max_negative_phrases else 0
+        if wanted and candidates:
+            chosen = rng.choice(len(candidates), size=min(wanted, len(candidates)), replace=False)
+            caption = append_negative_phrases(
+                caption, [candidates[int(i)] for i in chosen],
+                count_tokens=self.count_tokens, max_query_len=self.max_query_len,
+            )
+        self.phrase_pool.extend(record.phrases())
+        return caption
+
+    def next_sample(self) -> PlannedSample:
+        rng = np.random.default_rng([self.seed, self.rank, 11, self.position])
+        self.position += 1
+        source_index = int(rng.choice(len(self.sources), p=self.probabilities))
+        source = self.sources[source_index]
+        is_pseudo = isinstance(source, PseudoShardStream)
+        record = source.next_record() if is_pseudo else self._indexed(source_index)
+        self.source_counts[source_index] += 1
+
+        boxes = record.boxes
+        if record.is_detection:
+            caption, spans, keep = detection_caption(
+                record.box_names, record.vocabulary or record.box_names, rng,
+                count_tokens=self.count_tokens, max_query_len=self.max_query_len,
+            )
+            boxes = boxes[np.asarray(keep, dtype=bool)] if len(keep) else boxes
+        else:
+            spans = [list(s) for s in record.spans or []]
+            caption = self._with_negatives(record, rng)
+        weights, background = None, None
+        if is_pseudo and self.pseudo_weighting.active and record.scores is not None:
+            weights = self.pseudo_weighting.box_weights(record.scores)
+            background = self.pseudo_weighting.background_weight
+        return PlannedSample(
+            record=record, caption=caption, spans=spans, boxes=boxes, augment_seed=int(rng.integers(2**62)),
+            source=source.kind, weights=weights, background_weight=background,
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "position": self.position,
+            "source_counts": list(self.source_counts),
+            "phrase_pool": list(self.phrase_pool),
+            "pseudo": {str(i): s.state_dict() for i, s in enumerate(self.sources) if isinstance(s, PseudoShardStream)},
+            "sources": [s.name for s in self.specs],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sources") != [s.name for s in self.specs]:
+            raise TrainDataError(
+                f"cannot resume the data stream: the checkpoint was trained on {state.get('sources')}, "
+                f"this run gives {[s.name for s in self.specs]}"
+            )
+        self.position = int(state["position"])
+        self.source_counts = [int(c) for c in state["source_counts"]]
+        self.phrase_pool.clear()
+        self.phrase_pool.extend(state["phrase_pool"])
+        for index, source_state in state["pseudo"].items():
+            self.sources[int(index)].load_state_dict(source_state)

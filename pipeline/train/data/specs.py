@@ -1,0 +1,96 @@
+"""What a training run reads and how: data sources, augmentation and pseudo-box weighting.
+
+Plain frozen dataclasses without torch, so that the CLI and `pipeline.train.config` build and
+check them before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.config import TRAIN_MAX_SIZE, TRAIN_MIN_SIZES
+
+SOURCE_KINDS = ("pseudo", "coco", "grounding", "odvg")
+
+
+class TrainDataError(ValueError):
+    """A training data file that cannot be used (names the file, the record and the reason)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data source of a training run.
+
+    kind: pseudo | coco | grounding | odvg; paths: pseudo shard folders/tars, or the one
+    annotation file; images: image folder (gold sources); weight: mixing weight.
+    """
+
+    kind: str
+    paths: tuple[str, ...]
+    images: str = ""
+    weight: float = 1.0
+    label_map: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise TrainDataError(f"unknown source kind {self.kind!r}; expected one of {SOURCE_KINDS}")
+        if self.weight <= 0:
+            raise TrainDataError(f"{self.kind} source: mixing weight must be > 0, got {self.weight}")
+        if self.kind != "pseudo" and not self.images:
+            raise TrainDataError(f"{self.kind} source {self.paths}: needs an image folder (--images)")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{','.join(self.paths)}"
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Training transform: random short side from `min_sizes`, long side <= `max_size`, and
+    the strong augmentation of `model.train_targets.augment` (off by default)."""
+
+    min_sizes: tuple[int, ...] = TRAIN_MIN_SIZES
+    max_size: int = TRAIN_MAX_SIZE
+    flip_probability: float = 0.5
+    crop_probability: float = 0.0
+    cutout_probability: float = 0.0
+    scale_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("crop_probability", "cutout_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.scale_jitter < 1.0:
+            raise ValueError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
+
+
+@dataclass(frozen=True)
+class PseudoWeighting:
+    """How the student's loss treats pseudo boxes (gold boxes always weigh 1).
+
+    score_weight: a pseudo box's classification loss is scaled by its teacher score (Soft
+    Teacher); ignore_below: boxes scoring under it are ignored, their anchors neither positive
+    nor negative (Unbiased Teacher's band: shards filtered at a low floor keep them);
+    background_weight: the negative loss of a pseudo image's unassigned anchors (the objects the
+    teacher missed are background there), 1 as for gold.
+    """
+
+    score_weight: bool = False
+    ignore_below: float = 0.0
+    background_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ignore_below <= 1.0:
+            raise ValueError(f"pseudo_ignore_below must be in [0, 1], got {self.ignore_below}")
+        if self.background_weight < 0:
+            raise ValueError(f"pseudo_background_weight must be >= 0, got {self.background_weight}")
+
+    @property
+    def active(self) -> bool:
+        return self.score_weight or self.ignore_below > 0 or self.background_weight != 1.0
+
+    def box_weights(self, scores: np.ndarray) -> np.ndarray:
+        weights = scores.astype(np.float32) if self.score_weight else np.ones(len(scores), dtype=np.float32)
+        return np.where(scores < self.ignore_below, np.float32(0), weights)
