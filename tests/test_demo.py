@@ -91,10 +91,11 @@ def test_resumed_rounds_skip_finished_stages_and_chain_teachers(demo):
         assert pq.read_schema(shard).metadata[b"source_shard"].decode().startswith(str((demo / "web_clean").resolve()))
     student = json.loads((demo / "round_2/student/train_config.json").read_text())
     control = json.loads((demo / "round_2/control/train_config.json").read_text())
-    assert Path(student["init"]).resolve() == Path(control["init"]).resolve() == (demo / "student" / "student.pth").resolve()
-    assert {s["kind"] for s in control["sources"]} == {"coco", "grounding"}
-    assert all(student[k] == control[k] for k in ("steps", "seed", "crop_probability", "min_sizes", "lr")) and student["seed"] == 2
-    pseudo = [s for s in student["sources"] if s["kind"] == "pseudo"]
+    assert Path(student["model"]["init"]).resolve() == Path(control["model"]["init"]).resolve() == (demo / "student" / "student.pth").resolve()
+    assert {s["kind"] for s in control["data"]["sources"]} == {"coco", "grounding"}
+    assert student["steps"] == control["steps"] and student["seed"] == control["seed"] == 2
+    assert student["data"]["augment"] == control["data"]["augment"] and student["optimizer"] == control["optimizer"]
+    pseudo = [s for s in student["data"]["sources"] if s["kind"] == "pseudo"]
     assert all(Path(p).resolve().is_relative_to((demo / "round_2/filtered").resolve()) for s in pseudo for p in s["paths"])
     for entry in report["rounds"]:
         assert set(entry["models"]) == {"teacher", "student", "control"}
