@@ -13,8 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.evaluation.calibrate import CalibrateConfig, names_category, positives_needed, run_calibrate
+from pipeline.evaluation.calibrate import CalibrateConfig, run_calibrate
 from pipeline.evaluation.evaluate import load_gold, pseudo_predictions, score_boxes, xyxy_to_coco
+from pipeline.evaluation.policy_rating import names_category, positives_needed
 from pipeline.io.labels_io import Box, DetectionRow, write_detections
 from pipeline.stages.filtering import FilterPolicy, apply_policy, load_policy_file
 from tests.pseudo_fixtures import COCO_IMAGES, write_shard

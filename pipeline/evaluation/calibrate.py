@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,16 +45,26 @@ from typing import Optional, TextIO
 import numpy as np
 import typer
 
-from pipeline.evaluation.evaluate import EvalError, gold_image_id, gold_key_index, greedy_matches, load_gold, xyxy_to_coco
+from pipeline.evaluation.calibration_plot import plot_curves
+from pipeline.evaluation.evaluate import EvalError, gold_image_id, gold_key_index, load_gold
+from pipeline.evaluation.policy_rating import (
+    THRESHOLDS,
+    Counts,
+    Curve,
+    SampleImage,
+    bootstrap_interval,
+    match_image,
+    nms_setting,
+    positives_needed,
+    scope_counts,
+)
 from pipeline.io import storage
 from pipeline.io.labels_io import DetectionRow, detections_folder, read_detection_keys, read_detections
-from pipeline.stages.filtering import FilterPolicy, apply_policy
+from pipeline.stages.filtering import FilterPolicy
 from pipeline.user_errors import user_errors
 
 STAGE = "calibrate"
-THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate min_score values
 DEFAULT_NMS = ("none", "phrase:0.5", "all:0.5", "all:0.7")
-Z95 = 1.959964
 
 
 class CalibrationError(ValueError):
@@ -95,114 +104,6 @@ class CalibrateConfig:
             nms_setting(spec)
 
 
-def nms_setting(spec: str) -> tuple[float | None, str]:
-    """"none" -> (None, "phrase"); "all:0.5" -> (0.5, "all"); "phrase:0.7" -> (0.7, "phrase")."""
-    if spec == "none":
-        return None, "phrase"
-    scope, _, value = spec.partition(":")
-    try:
-        iou = float(value)
-    except ValueError:
-        iou = -1.0
-    if scope not in ("phrase", "all") or not 0.0 < iou <= 1.0:
-        raise ValueError(f"--nms {spec!r}: expected 'none', 'phrase:IOU' or 'all:IOU' with 0 < IOU <= 1")
-    return iou, scope
-
-
-def names_category(phrase: str, category: str) -> bool:
-    """True when the phrase's words contain the category's ("two blue rings" names "ring")."""
-    words = re.findall(r"[a-z0-9]+", phrase.lower())
-    name = re.findall(r"[a-z0-9]+", category.lower())
-    if not name:
-        return False
-    forms = {name[-1], name[-1] + "s", name[-1] + "es"}
-    for start in range(len(words) - len(name) + 1):
-        if words[start : start + len(name) - 1] == name[:-1] and words[start + len(name) - 1] in forms:
-            return True
-    return False
-
-
-@dataclass
-class SampleImage:
-    """One gold image of the sample with its detections row."""
-
-    image_id: int
-    row: DetectionRow
-    gold_boxes: list[list[float]]  # COCO xywh, crowd boxes left out
-    gold_names: list[str]
-
-
-@dataclass
-class Matched:
-    """One image under one NMS setting: kept boxes' scores (best first) and which match gold."""
-
-    scores: np.ndarray  # [K]
-    agnostic: np.ndarray  # bool [K]
-    phrase: np.ndarray  # bool [K]
-    gold: int
-
-
-def match_image(image: SampleImage, policy: FilterPolicy, *, iou: float) -> Matched:
-    row = image.row
-    kept = [] if row.error is not None else apply_policy(row.boxes or [], row.width, row.height, policy) or []
-    predictions = [xyxy_to_coco(box.bbox) for box in kept]
-    phrases = row.phrases or []
-    allowed = np.asarray(
-        [[names_category(phrases[box.phrase]["text"], name) for name in image.gold_names] for box in kept], dtype=bool
-    ).reshape(len(kept), len(image.gold_names))
-    return Matched(
-        scores=np.asarray([box.score for box in kept], dtype=np.float64),
-        agnostic=greedy_matches(predictions, image.gold_boxes, iou=iou) >= 0,
-        phrase=greedy_matches(predictions, image.gold_boxes, allowed=allowed, iou=iou) >= 0,
-        gold=len(image.gold_boxes),
-    )
-
-
-@dataclass
-class Counts:
-    """Per image and threshold: `hits` (true positives of the scope), `kept` (its predicted
-    positives), and per image `positives` (its gold units): precision = sum hits / sum kept,
-    recall = sum hits / sum positives."""
-
-    hits: np.ndarray  # [N, T]
-    kept: np.ndarray  # [N, T]
-    positives: np.ndarray  # [N]
-
-    def precision(self, weights: np.ndarray | None = None) -> np.ndarray:
-        hits, kept = (self.hits.sum(0), self.kept.sum(0)) if weights is None else (weights @ self.hits, weights @ self.kept)
-        return np.divide(hits, kept, out=np.zeros(hits.shape), where=kept > 0)
-
-    def recall(self, weights: np.ndarray | None = None) -> np.ndarray:
-        if weights is None:
-            hits, positives = self.hits.sum(0), np.asarray(self.positives.sum())
-        else:
-            hits, positives = weights @ self.hits, (weights @ self.positives)[:, None]  # [B, T], [B, 1]
-        return np.divide(hits, positives, out=np.zeros(hits.shape), where=positives > 0)
-
-
-def scope_counts(matched: list[Matched], *, scope: str, phrase: bool, thresholds: np.ndarray) -> Counts:
-    """`Counts` of every image at every threshold (a box is kept when it scores above it)."""
-    hits = np.zeros((len(matched), len(thresholds)))
-    kept = np.zeros_like(hits)
-    positives = np.zeros(len(matched))
-    for i, image in enumerate(matched):
-        correct = image.phrase if phrase else image.agnostic
-        n_kept = np.searchsorted(-image.scores, -thresholds, side="left")  # boxes scoring > t
-        n_hits = np.concatenate([[0], np.cumsum(correct)])[n_kept]
-        if scope == "box":
-            hits[i], kept[i], positives[i] = n_hits, n_kept, image.gold
-        else:
-            hits[i], kept[i], positives[i] = (n_kept > 0) & (n_hits == n_kept), n_kept > 0, image.gold > 0
-    return Counts(hits=hits, kept=kept, positives=positives)
-
-
-def positives_needed(target: float, margin: float) -> int:
-    """Units a proportion near `target` needs: a 95% interval of +-`margin` (normal
-    approximation), and at least 3 / (1 - target) so that even an error-free sample bounds the
-    error rate below 1 - target (the rule of three: 0 errors in n gives a 95% bound of 3 / n)."""
-    return max(math.ceil(Z95**2 * target * (1.0 - target) / margin**2), math.ceil(3.0 / (1.0 - target)))
-
-
 def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = None) -> tuple[list[SampleImage], dict[str, str]]:
     """The gold images of the sample joined with their detection rows; refuses unknown keys."""
     stream = progress_stream if progress_stream is not None else sys.stderr
@@ -217,35 +118,7 @@ def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = Non
     if not files:
         raise CalibrationError(f"{folder}: no detections/*.parquet files (run pseudo-label first)")
     index = gold_key_index(gold)
-
-    def read(uri: str) -> tuple[str, list[DetectionRow], dict[str, str], str | None]:
-        import pyarrow as pa
-
-        try:
-            keys = read_detection_keys(uri)
-            wanted = {key for key in keys if gold_image_id(index, key) is not None}
-            rows, metadata = read_detections(uri, keys=wanted) if wanted else ([], {})
-        except (pa.ArrowException, OSError, KeyError) as error:
-            raise CalibrationError(f"{uri}: not a readable detections file ({type(error).__name__}: {error})") from None
-        return uri, rows, metadata, keys[0] if keys else None
-
-    found: dict[int, tuple[str, DetectionRow]] = {}
-    metadata: dict[str, str] = {}
-    example_key = None
-    last_print = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=8) as pool:  # object stores are slow per file
-        for done, (uri, rows, file_metadata, first_key) in enumerate(pool.map(read, files), start=1):
-            example_key = example_key or first_key
-            metadata = metadata or file_metadata
-            for row in rows:
-                image_id = gold_image_id(index, row.key)
-                assert image_id is not None
-                if image_id in found:
-                    raise CalibrationError(f"{uri}: key {row.key!r} names gold image {image_id}, as {found[image_id][0]} does")
-                found[image_id] = (uri, row)
-            if time.perf_counter() - last_print >= 5.0 or done == len(files):
-                last_print = time.perf_counter()
-                print(f"[{STAGE}] detections {done}/{len(files)} files, {len(found)} sample images found", file=stream, flush=True)
+    found, metadata, example_key = _sample_rows(files, index, stream=stream)
     images = gold.dataset["images"]
     known = {int(i["id"]) for i in images}
     strays = sorted({int(a["image_id"]) for a in gold.dataset["annotations"]} - known)
@@ -280,16 +153,42 @@ def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = Non
     return sample, metadata
 
 
-@dataclass
-class Curve:
-    nms: str
-    precision: np.ndarray  # [T] of the target's matching
-    recall: np.ndarray
-    phrase_precision: np.ndarray  # the other matchings, for the report
-    phrase_recall: np.ndarray
-    agnostic_precision: np.ndarray
-    agnostic_recall: np.ndarray
-    kept: np.ndarray  # [T] predicted units
+def _sample_rows(
+    files: list[str], index: dict[str, int], *, stream: TextIO
+) -> tuple[dict[int, tuple[str, DetectionRow]], dict[str, str], str | None]:
+    """The detection rows of the sample's gold images in `files` ({gold image id: (file, row)}),
+    the detections' metadata (of the first file that has any) and an example key; refuses a
+    gold image that two rows name."""
+
+    def read(uri: str) -> tuple[str, list[DetectionRow], dict[str, str], str | None]:
+        import pyarrow as pa
+
+        try:
+            keys = read_detection_keys(uri)
+            wanted = {key for key in keys if gold_image_id(index, key) is not None}
+            rows, metadata = read_detections(uri, keys=wanted) if wanted else ([], {})
+        except (pa.ArrowException, OSError, KeyError) as error:
+            raise CalibrationError(f"{uri}: not a readable detections file ({type(error).__name__}: {error})") from None
+        return uri, rows, metadata, keys[0] if keys else None
+
+    found: dict[int, tuple[str, DetectionRow]] = {}
+    metadata: dict[str, str] = {}
+    example_key = None
+    last_print = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object stores are slow per file
+        for done, (uri, rows, file_metadata, first_key) in enumerate(pool.map(read, files), start=1):
+            example_key = example_key or first_key
+            metadata = metadata or file_metadata
+            for row in rows:
+                image_id = gold_image_id(index, row.key)
+                assert image_id is not None
+                if image_id in found:
+                    raise CalibrationError(f"{uri}: key {row.key!r} names gold image {image_id}, as {found[image_id][0]} does")
+                found[image_id] = (uri, row)
+            if time.perf_counter() - last_print >= 5.0 or done == len(files):
+                last_print = time.perf_counter()
+                print(f"[{STAGE}] detections {done}/{len(files)} files, {len(found)} sample images found", file=stream, flush=True)
+    return found, metadata, example_key
 
 
 def curves(sample: list[SampleImage], config: CalibrateConfig) -> list[Curve]:
@@ -356,18 +255,8 @@ def run_calibrate(config: CalibrateConfig, *, progress_stream: TextIO | None = N
     interval = bootstrap_interval(counts, resamples=config.bootstrap, confidence=config.confidence, seed=config.seed)
     target_metric = "precision" if config.target_precision is not None else "recall"
     target = float(config.target_precision if config.target_precision is not None else config.target_recall)  # type: ignore[arg-type]
-    needed = positives_needed(target, config.margin)
     units = "boxes" if config.scope == "box" else "images"
-    have = int(counts.kept.sum()) if target_metric == "precision" else int(counts.positives.sum())
-    if have < needed:
-        per_image = have / len(sample)
-        more = math.ceil((needed - have) / per_image) if per_image > 0 else None
-        what = f"kept {units} at the operating point" if target_metric == "precision" else f"gold {units}"
-        raise CalibrationError(
-            f"{config.gold}: the sample is too small for {target_metric} {target} +- {config.margin}: it needs "
-            f"{needed} positives ({what}) and gives {have} from {len(sample)} images"
-            + (f"; label about {more} more images, or widen --margin" if more else "; widen --margin")
-        )
+    needed = _check_sample_size(config, counts, images=len(sample), target_metric=target_metric, target=target, units=units)
     result = {
         "policy": policy.to_dict(),
         "calibration": {
@@ -395,18 +284,7 @@ def run_calibrate(config: CalibrateConfig, *, progress_stream: TextIO | None = N
             "detections": config.detections,
             "teacher": json.loads(metadata.get("teacher", "{}")),
             "floor": float(metadata["floor"]) if "floor" in metadata else None,
-            "curves": [
-                {
-                    "nms": curve.nms,
-                    "min_score": THRESHOLDS.tolist(),
-                    f"kept_{units}": curve.kept.astype(int).tolist(),
-                    **{
-                        name: np.round(getattr(curve, name), 4).tolist()
-                        for name in ("agnostic_precision", "agnostic_recall", "phrase_precision", "phrase_recall")
-                    },
-                }
-                for curve in curve_list
-            ],
+            "curves": _curve_rows(curve_list, units),
         },
     }
     storage.write_atomic(config.out, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
@@ -415,65 +293,39 @@ def run_calibrate(config: CalibrateConfig, *, progress_stream: TextIO | None = N
     return result
 
 
-def bootstrap_interval(counts: Counts, *, resamples: int, confidence: float, seed: int) -> dict[str, list[float]]:
-    """Percentile interval of precision and recall over `resamples` resamplings of the images."""
-    rng = np.random.default_rng(seed)
-    n = len(counts.positives)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)  # [B, N]
-    low, high = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
-    precision, recall = counts.precision(weights)[:, 0], counts.recall(weights)[:, 0]
-    return {
-        "precision": [round(float(v), 4) for v in np.percentile(precision, [low, high])],
-        "recall": [round(float(v), 4) for v in np.percentile(recall, [low, high])],
-    }
+def _check_sample_size(
+    config: CalibrateConfig, counts: Counts, *, images: int, target_metric: str, target: float, units: str
+) -> int:
+    """The positives the target needs (`positives_needed`); CalibrationError when the sample
+    (`counts` of its `images` images under the chosen policy) gives fewer."""
+    needed = positives_needed(target, config.margin)
+    have = int(counts.kept.sum()) if target_metric == "precision" else int(counts.positives.sum())
+    if have < needed:
+        per_image = have / images
+        more = math.ceil((needed - have) / per_image) if per_image > 0 else None
+        what = f"kept {units} at the operating point" if target_metric == "precision" else f"gold {units}"
+        raise CalibrationError(
+            f"{config.gold}: the sample is too small for {target_metric} {target} +- {config.margin}: it needs "
+            f"{needed} positives ({what}) and gives {have} from {images} images"
+            + (f"; label about {more} more images, or widen --margin" if more else "; widen --margin")
+        )
+    return needed
 
 
-def plot_curves(result: dict, path: str, *, stream: TextIO | None = None) -> bool:
-    """Precision/recall curves (one colour per NMS setting; class-agnostic solid, phrase-aware
-    dashed) with the chosen policy and the target; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"warning: matplotlib is not installed: no plot written to {path}", file=stream or sys.stderr)
-        return False
-    import io
-
-    calibration = result["calibration"]
-    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=110)
-    target = calibration["target"]
-    units = "boxes" if target["scope"] == "box" else "images"
-    for number, curve in enumerate(calibration["curves"]):
-        colour = f"C{number}"
-        some = np.asarray(curve[f"kept_{units}"]) > 0  # precision is undefined where nothing is kept
-        for match, style in (("agnostic", "-"), ("phrase", "--")):
-            recall, precision = np.asarray(curve[f"{match}_recall"])[some], np.asarray(curve[f"{match}_precision"])[some]
-            axes.plot(recall, precision, color=colour, linestyle=style, linewidth=1.5 if style == "-" else 0.8,
-                      label=f"NMS {curve['nms']}" if match == "agnostic" else None)
-    if target["metric"] == "precision":
-        axes.axhline(target["value"], color="grey", linewidth=0.8, linestyle=":")
-    else:
-        axes.axvline(target["value"], color="grey", linewidth=0.8, linestyle=":")
-    p_low, p_high = calibration["precision_interval"]
-    r_low, r_high = calibration["recall_interval"]
-    axes.errorbar(
-        [calibration["recall"]], [calibration["precision"]], xerr=[[calibration["recall"] - r_low], [r_high - calibration["recall"]]],
-        yerr=[[calibration["precision"] - p_low], [p_high - calibration["precision"]]], fmt="o", color="black",
-        label=f"chosen: min_score {result['policy']['min_score']}",
-    )
-    axes.set_xlabel(f"recall ({target['scope']})")
-    axes.set_ylabel(f"precision ({target['scope']})")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
-    axes.set_title(f"{calibration['sample']['images']} images; solid class-agnostic, dashed phrase-aware", fontsize=9)
-    axes.legend(fontsize=8, loc="lower left")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight")
-    plt.close(figure)
-    storage.write_atomic(path, buffer.getvalue())
-    return True
+def _curve_rows(curve_list: list[Curve], units: str) -> list[dict[str, object]]:
+    """The policy file's `curves`: per NMS setting, precision and recall at every threshold."""
+    return [
+        {
+            "nms": curve.nms,
+            "min_score": THRESHOLDS.tolist(),
+            f"kept_{units}": curve.kept.astype(int).tolist(),
+            **{
+                name: np.round(getattr(curve, name), 4).tolist()
+                for name in ("agnostic_precision", "agnostic_recall", "phrase_precision", "phrase_recall")
+            },
+        }
+        for curve in curve_list
+    ]
 
 
 @user_errors(ValueError, FileNotFoundError)
