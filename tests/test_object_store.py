@@ -183,7 +183,7 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
     from pipeline.train.config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
     from pipeline.train.data import AugmentSettings, SourceSpec
     from pipeline.train.loop import build_student
-    from pipeline.train.student import run_training
+    from pipeline.train.driver import run_training
 
     monkeypatch.setenv("GLIP_CACHE_DIR", str(tmp_path / "cache"))
     coco = json.loads((shared_data / "coco_mini/annotations/instances_train2017_subset.json").read_text())

@@ -18,7 +18,7 @@ from pipeline.cli import app
 from pipeline.train.config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
 from pipeline.train.data import AugmentSettings, SourceSpec
 from pipeline.train.loop import lr_factor, make_optimizer
-from pipeline.train.student import TrainingInterrupted, run_training
+from pipeline.train.driver import TrainingInterrupted, run_training
 from tests.pseudo_fixtures import write_pseudo_shards
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"

@@ -133,7 +133,8 @@ def _train(
     `init`, the student or the control with `recipe`'s options."""
     from pipeline.train.config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
     from pipeline.train.data.specs import AugmentSettings, PseudoWeighting
-    from pipeline.train.student import augment_options, run_training
+    from pipeline.train.driver import run_training
+    from pipeline.train.student import augment_options
 
     augment, pseudo = {}, PseudoWeighting()
     if recipe is not None:
@@ -520,7 +521,7 @@ def demo_command(
             raise fail(f"--out {out} does not hold a demo run: not overwriting it")
         shutil.rmtree(out)
     from pipeline.train.data import TrainDataError
-    from pipeline.train.student import TrainingInterrupted
+    from pipeline.train.driver import TrainingInterrupted
 
     overrides = {
         "pseudo_weight": pseudo_weight, "score_weight": pseudo_score_weight, "ignore_below": pseudo_ignore_below,

@@ -1,36 +1,17 @@
 """`pipeline train-student`: train a GLIP student on gold + pseudo boxes with Ray Train.
 
-The driver resolves the flags into one `TrainConfig`, starts (or joins) Ray, and runs
-`pipeline.train.loop.train_worker` under a `TorchTrainer`: one CPU worker locally by default,
-`--workers N --use-gpu` on a cluster (DDP; bf16 autocast and optional gradient checkpointing
-on GPUs). Checkpoints are reported through `ray.train.report` into `OUT/ray/run/` (a local
-folder or an object-store URI); `--resume` re-attaches to that run, and Ray Train hands the
-latest checkpoint back to the workers. At the end the last checkpoint's `model.pth` (official
-GLIP layout + metadata, loadable by `pipeline ground`/`pseudo-label`/`eval`) is copied to
-`OUT/student.pth`, and `OUT/_stats.json` records the run.
-
-Layout of OUT:
-    student.pth            final weights (official layout)
-    metrics.jsonl          one line per logged step (loss terms, lr, samples/s)
-    train_config.json      the resolved configuration
-    _stats.json            steps, throughput, skipped samples, final loss
-    ray/run/checkpoint_*/  model.pth, train_state.pt, rank_{r}.pt
+The flags resolve into one `TrainConfig` (its defaults are the configuration's own) that
+`pipeline.train.driver.run_training` runs; its module doc gives what a run writes to OUT.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from pipeline.io import storage
 from pipeline.train.config import (
     CheckpointPolicy,
     DataConfig,
@@ -38,197 +19,11 @@ from pipeline.train.config import (
     Resources,
     StudentModel,
     TrainConfig,
-    setting,
 )
 from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
-from pipeline.user_errors import first_line, user_errors
+from pipeline.train.driver import TrainingInterrupted, run_training
+from pipeline.user_errors import user_errors
 
-RUN_NAME = "run"
-STUDENT_FILE = "student.pth"
-CONFIG_FILE = "train_config.json"
-_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-class TrainingInterrupted(RuntimeError):
-    """The run stopped before its last step; its checkpoints allow `--resume`."""
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    """Where a finished run left its results."""
-
-    student: str
-    checkpoint: str
-    steps: int
-    final_loss: float | None
-
-
-def _storage(out: str) -> str:
-    return f"{out.rstrip('/')}/ray" if "://" in out else str(Path(out).resolve() / "ray")
-
-
-def _absolute(path: str | None) -> str | None:
-    """Local paths made absolute (Ray Train workers do not run in the caller's directory)."""
-    if not path or "://" in path:
-        return path
-    return os.path.abspath(path)
-
-
-def with_absolute_paths(config: TrainConfig) -> TrainConfig:
-    sources = tuple(
-        dataclasses.replace(
-            spec,
-            paths=tuple(_absolute(p) for p in spec.paths),
-            images=_absolute(spec.images) or "",
-            label_map=_absolute(spec.label_map),
-        )
-        for spec in config.data.sources
-    )
-    model = config.model
-    backbone = model.init_backbone if model.init_backbone == "imagenet" else _absolute(model.init_backbone)
-    return dataclasses.replace(
-        config,
-        out=_absolute(config.out),
-        data=dataclasses.replace(config.data, sources=sources),
-        model=dataclasses.replace(model, init=_absolute(model.init), init_backbone=backbone),
-    )
-
-
-def _worker_error(error: BaseException) -> str:
-    """The worker's exception line of a Ray Train failure (its message ends with the traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def run_training(config: TrainConfig, *, resume: bool = False, address: str | None = None) -> TrainOutcome:
-    """Train (or continue, with `resume`) the run in `config.out`; returns the final weights."""
-    config = with_absolute_paths(config)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.cluster import init_ray, shutdown_ray
-    from pipeline.train.loop import train_worker
-
-    out, storage_path = config.out, _storage(config.out)
-    snapshot = f"{storage_path}/{RUN_NAME}/{_SNAPSHOT}"
-    if resume and not storage.exists(snapshot):
-        raise FileNotFoundError(f"--resume: {out} holds no run to resume (no {snapshot})")
-    if not resume and storage.exists(snapshot):
-        raise FileExistsError(f"{out} already holds a training run: continue it with --resume, or use a new --out")
-    storage.makedirs(out)
-    if resume:
-        _check_resumable(storage.join(out, CONFIG_FILE), config)
-    storage.write_atomic(storage.join(out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
-
-    # Embedded loopback-only Ray unless --address. Ray Train's controller watchdog polls the
-    # state API, which lives in the dashboard: without it every poll logs a warning.
-    started_ray = init_ray(address, include_dashboard=True)
-    started = time.time()
-    resources = config.resources
-    try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=config.to_dict(),
-            torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=resources.workers,
-                use_gpu=resources.use_gpu,
-                resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
-            ),
-            run_config=RunConfig(
-                name=RUN_NAME,
-                storage_path=storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints.keep),
-                failure_config=FailureConfig(max_failures=0),
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as exc:
-            raise TrainingInterrupted(
-                f"training stopped before step {config.steps}: {_worker_error(exc)}; "
-                f"its last checkpoint is under {storage_path}/{RUN_NAME}: continue with --resume"
-            ) from exc
-    finally:
-        shutdown_ray(started_ray)
-    if result.checkpoint is None:
-        raise TrainingInterrupted(f"the run in {out} reported no checkpoint")
-    return _finish(config, result, time.time() - started)
-
-
-def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
-    """Copy the last checkpoint's weights to OUT/student.pth and write OUT/_stats.json."""
-    from pipeline.train.checkpoints import MODEL_FILE
-
-    student = storage.join(config.out, STUDENT_FILE)
-    with result.checkpoint.as_directory() as directory, open(Path(directory) / MODEL_FILE, "rb") as source:
-        with storage.atomic_writer(student) as handle:
-            while chunk := source.read(16 << 20):
-                handle.write(chunk)
-    metrics = result.metrics or {}
-    _write_stats(config, metrics, result.checkpoint.path, seconds)
-    return TrainOutcome(
-        student=student,
-        checkpoint=result.checkpoint.path,
-        steps=int(metrics.get("step", config.steps)),
-        final_loss=metrics.get("loss"),
-    )
-
-
-# Settings that must not change when a run is resumed (the rest, e.g. logging, may).
-_RESUME_KEYS = (
-    "model.variant", "steps", "data.batch_size", "resources.workers", "seed", "data.sources",
-    "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
-    "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight",
-    "data.augment.crop_probability", "data.augment.cutout_probability", "data.augment.scale_jitter",
-)
-
-
-def _check_resumable(path: str, config: TrainConfig) -> None:
-    if not storage.exists(path):
-        return
-    previous = json.loads(storage.read_bytes(path))
-    try:
-        TrainConfig.from_dict(previous)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--resume: {path} is not a configuration this version reads ({first_line(error)})") from None
-    current = json.loads(json.dumps(config.to_dict()))
-    changed = [key for key in _RESUME_KEYS if setting(previous, key) != setting(current, key)]
-    if changed:
-        details = ", ".join(f"{k}: {setting(previous, k)!r} -> {setting(current, k)!r}" for k in changed)
-        raise ValueError(f"--resume: these settings differ from the interrupted run ({path}): {details}")
-
-
-def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: float) -> None:
-    from pipeline.train.loop import METRICS_FILE
-
-    lines = []
-    metrics_path = storage.join(config.out, METRICS_FILE)
-    if storage.exists(metrics_path):
-        lines = [json.loads(line) for line in storage.read_bytes(metrics_path).decode("utf-8").splitlines() if line.strip()]
-    rates = [line["samples_per_s"] for line in lines[1:]] or [line["samples_per_s"] for line in lines]
-    steps = int(metrics.get("step", config.steps))
-    stats = {
-        "stage": "train-student",
-        "variant": config.model.variant,
-        "inputs": [s.name for s in config.data.sources],
-        "steps": steps,
-        "samples": steps * config.data.batch_size * config.resources.workers,
-        "final_loss": metrics.get("loss"),
-        "skipped_samples": metrics.get("skipped_samples", 0),
-        "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},
-        "samples_per_s": sum(rates) / len(rates) if rates else None,
-        "wall_s_this_session": seconds,
-        "workers": config.resources.workers,
-        "use_gpu": config.resources.use_gpu,
-        "checkpoint": checkpoint,
-        "student": storage.join(config.out, STUDENT_FILE),
-        "config": config.to_dict(),
-    }
-    storage.write_atomic(storage.join(config.out, "_stats.json"), json.dumps(stats, indent=2).encode("utf-8"))
-
-
-# -- CLI ----------------------------------------------------------------------------------
 
 # The one source of the defaults: the configuration's own (`pipeline.train.config`).
 _RUN = TrainConfig(out="", steps=1)
