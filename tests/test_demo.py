@@ -145,7 +145,7 @@ def test_decontamination_and_calibration_sections(demo):
 
 def test_report_numbers_are_sane_and_reproducible(demo):
     from model.predict import GLIPPredictor
-    from pipeline.demo.run import SCHEDULES
+    from pipeline.demo.arms import SCHEDULES
     from pipeline.evaluation.evaluate import evaluate_model, load_gold, pseudo_predictions, score_boxes
 
     report = json.loads((demo / "report.json").read_text())
@@ -206,7 +206,8 @@ def test_report_html_and_gallery(demo):
 
 
 def test_resume_refuses_a_folder_without_a_demo_and_other_settings(tmp_path):
-    from pipeline.demo.run import SCHEDULES, _resume_settings
+    from pipeline.demo.arms import SCHEDULES
+    from pipeline.demo.run import _resume_settings
     from pipeline.demo.state import DemoState
 
     runner = CliRunner()

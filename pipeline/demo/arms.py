@@ -1,0 +1,128 @@
+"""The demo's arms: the schedules and the student recipe, and training or evaluating one arm
+(teacher, student or control) with the same verbs a cluster run uses."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.demo.world import BASE_KINDS, TAIL_KINDS, WorldPaths
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """How the student learns from the teacher's pseudo-labels (each a `train-student` option).
+
+    The control gets the same augmentation, steps, initialisation and gold; the pseudo-label
+    options only touch pseudo samples, which the control has none of.
+    """
+
+    pseudo_weight: float = 1.0  # mixing weight of the pseudo source (each gold source weighs 1)
+    score_weight: bool = False  # --pseudo-score-weight
+    ignore_below: float = 0.0  # --pseudo-ignore-below
+    background_weight: float = 1.0  # --pseudo-background-weight
+    augment: str = "weak"  # --augment (student and control)
+    phrase_score: str = "mean"  # the teacher's phrase scores in pseudo-label (--phrase-score)
+    assign: str = "none"  # the filter's box-to-phrase matching (--assign none|caption)
+
+
+@dataclass(frozen=True)
+class DemoSchedule:
+    teacher_steps: int
+    student_steps: int
+    batch_size: int = 2  # per worker
+    workers: int = 2  # DDP over the 2 cores: 1.6x the samples/s of one 2-thread worker
+    min_sizes: tuple[int, ...] = (112, 128, 144)
+    test_min_size: int = 128
+    max_size: int = 192
+    lr: float = 1e-3
+    gallery: int = 24
+    # The tiny GLIP with plain convs in DyHead on an ImageNet-pretrained MobileNetV2 (the only
+    # pretrained visual weights available offline); its text encoder starts from
+    # all-MiniLM-L6-v2 and stays frozen (the fusion layers train).
+    variant: str = "tiny-mnv2"
+    init_backbone: str | None = "imagenet"
+    recipe: StudentRecipe = StudentRecipe()
+
+
+# The student recipe measured best on the default world (README's ablation table): Noisy
+# Student's strong augmentation (for the control too), Soft Teacher's score-weighted
+# classification loss, and the background of pseudo images at half weight.
+RECIPE = StudentRecipe(score_weight=True, background_weight=0.5, augment="strong")
+SCHEDULES = {
+    "small": DemoSchedule(teacher_steps=4, student_steps=4, min_sizes=(128,), gallery=8, recipe=RECIPE),
+    "default": DemoSchedule(teacher_steps=560, student_steps=360, recipe=RECIPE),
+    "large": DemoSchedule(teacher_steps=3000, student_steps=3000, recipe=RECIPE),
+}
+
+
+def train_arm(
+    out: Path, sources, schedule: DemoSchedule, steps: int, seed: int, *, init: str | None = None,
+    recipe: StudentRecipe | None = None,
+) -> dict:
+    """Train one arm: the teacher (`recipe` None: the official weak augmentation) or, from
+    `init`, the student or the control with `recipe`'s options."""
+    from pipeline.train.config import CheckpointPolicy, DataConfig, OptimizerConfig, Resources, StudentModel, TrainConfig
+    from pipeline.train.data.specs import AugmentSettings, PseudoWeighting
+    from pipeline.train.driver import run_training
+    from pipeline.train.student import augment_options
+
+    augment, pseudo = {}, PseudoWeighting()
+    if recipe is not None:
+        augment = augment_options(recipe.augment)
+        pseudo = PseudoWeighting(
+            score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight
+        )
+
+    config = TrainConfig(
+        out=str(out),
+        steps=steps,
+        seed=seed,
+        log_every=max(1, steps // 10),
+        model=StudentModel(
+            variant=schedule.variant,
+            init=init,
+            init_text=None if init else "minilm",
+            init_backbone=None if init else schedule.init_backbone,
+            freeze_text=True,
+        ),
+        data=DataConfig(
+            sources=tuple(sources),
+            batch_size=schedule.batch_size,
+            augment=AugmentSettings(min_sizes=schedule.min_sizes, max_size=schedule.max_size, **augment),
+            pseudo=pseudo,
+        ),
+        optimizer=OptimizerConfig(lr=schedule.lr, lang_lr=schedule.lr / 10, warmup_steps=max(1, steps // 10), schedule="cosine"),
+        resources=Resources(workers=schedule.workers, cpus_per_worker=1),
+        checkpoints=CheckpointPolicy(every=max(steps, 1)),
+    )
+    try:
+        outcome = run_training(config)
+    except FileExistsError:  # `out` holds the run a killed demo was training: continue it (--resume)
+        outcome = run_training(config, resume=True)
+    stats = json.loads((out / "_stats.json").read_text())
+    rate = stats.get("samples_per_s")
+    return {
+        "checkpoint": outcome.student,
+        "steps": outcome.steps,
+        "final_loss": outcome.final_loss,
+        "samples_per_s": round(rate, 2) if rate is not None else None,
+        "samples_by_source": stats.get("samples_by_source_worker0", {}),
+    }
+
+
+def evaluate_arm(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dict:
+    from model.predict import GLIPPredictor
+    from pipeline.evaluation.evaluate import evaluate_model
+
+    predictor = GLIPPredictor.from_checkpoint(checkpoint, min_size=schedule.test_min_size, max_size=schedule.max_size)
+    started = time.perf_counter()
+    result = evaluate_model(predictor, paths.test_coco, paths.test_images, batch_size=4)
+    return {
+        **result.as_dict(),
+        "AP_base": result.group_ap(BASE_KINDS),
+        "AP_tail": result.group_ap(TAIL_KINDS),
+        "images_per_s": round(result.num_images / (time.perf_counter() - started), 2),
+    }
