@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from pipeline.io import storage
 from pipeline.io.shard_report import MAX_EXAMPLE_KEYS, ShardReport
@@ -64,35 +65,9 @@ class StageStats:
         """The `_stats.json` content; shards are merged in shard-id order, so it does not
         depend on which worker finished first."""
         seconds = max(seconds, 1e-9)
-        failed: dict[str, str] = {}
-        written_now = already_done = samples = written = samples_now = 0
-        worker_seconds = 0.0
-        counters: dict[str, int] = {}
-        skipped: dict[str, dict[str, object]] = {}
-        members_ignored: dict[str, int] = {}
+        totals = _Totals()
         for shard_id in sorted(self.reports):
-            report, earlier_run = self.reports[shard_id]
-            if report.error is not None:
-                failed[shard_id] = report.error
-                continue
-            if earlier_run:
-                already_done += 1
-            else:
-                written_now += 1
-                samples_now += report.samples
-                worker_seconds += report.seconds
-            samples += report.samples
-            written += report.written
-            for name, value in report.counters.items():
-                counters[name] = counters.get(name, 0) + value
-            for kind, value in report.members_ignored.items():
-                members_ignored[kind] = members_ignored.get(kind, 0) + value
-            for reason, count in report.skipped.items():
-                entry = skipped.setdefault(reason, {"count": 0, "examples": []})
-                entry["count"] = int(entry["count"]) + count  # type: ignore[call-overload]
-                examples = entry["examples"]
-                assert isinstance(examples, list)
-                examples.extend(report.examples.get(reason, [])[: MAX_EXAMPLE_KEYS - len(examples)])
+            totals.add(shard_id, *self.reports[shard_id])
         return {
             "stage": self.stage,
             "inputs": self.inputs,
@@ -101,28 +76,67 @@ class StageStats:
             "finished_at": utc_now(),
             "shards": {
                 "total": self.total_shards,
-                "written": written_now,
-                "already_done": already_done,
-                "failed": len(failed),
-                "failed_shards": failed,
+                "written": totals.written_now,
+                "already_done": totals.already_done,
+                "failed": len(totals.failed),
+                "failed_shards": totals.failed,
             },
-            "samples": samples,
-            "written": written,
-            **dict(sorted(counters.items())),
-            "skipped": dict(sorted(skipped.items())),
-            "members_ignored": dict(sorted(members_ignored.items())),
+            "samples": totals.samples,
+            "written": totals.written,
+            **dict(sorted(totals.counters.items())),
+            "skipped": dict(sorted(totals.skipped.items())),
+            "members_ignored": dict(sorted(totals.members_ignored.items())),
             "throughput": {
                 "seconds": round(seconds, 3),
-                "samples_per_s": round(samples_now / seconds, 2),
+                "samples_per_s": round(totals.samples_now / seconds, 2),
                 "startup_seconds": round(startup_seconds, 3),
-                "steady_samples_per_s": round(samples_now / max(seconds - startup_seconds, 1e-9), 2),
-                "shards_per_s": round(written_now / seconds, 4),
-                "worker_seconds": round(worker_seconds, 3),
+                "steady_samples_per_s": round(totals.samples_now / max(seconds - startup_seconds, 1e-9), 2),
+                "shards_per_s": round(totals.written_now / seconds, 4),
+                "worker_seconds": round(totals.worker_seconds, 3),
                 "workers": workers,
             },
             "settings": self.settings,
             "versions": self.versions,
         }
+
+
+@dataclass
+class _Totals:
+    """The shard reports of a run summed (`StageStats.to_dict`); `*_now`: this run's shards only."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    written_now: int = 0
+    already_done: int = 0
+    samples: int = 0
+    written: int = 0
+    samples_now: int = 0
+    worker_seconds: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, dict[str, object]] = field(default_factory=dict)
+    members_ignored: dict[str, int] = field(default_factory=dict)
+
+    def add(self, shard_id: str, report: ShardReport, earlier_run: bool) -> None:
+        if report.error is not None:
+            self.failed[shard_id] = report.error
+            return
+        if earlier_run:
+            self.already_done += 1
+        else:
+            self.written_now += 1
+            self.samples_now += report.samples
+            self.worker_seconds += report.seconds
+        self.samples += report.samples
+        self.written += report.written
+        for name, value in report.counters.items():
+            self.counters[name] = self.counters.get(name, 0) + value
+        for kind, value in report.members_ignored.items():
+            self.members_ignored[kind] = self.members_ignored.get(kind, 0) + value
+        for reason, count in report.skipped.items():
+            entry = self.skipped.setdefault(reason, {"count": 0, "examples": []})
+            entry["count"] = int(entry["count"]) + count  # type: ignore[call-overload]
+            examples = entry["examples"]
+            assert isinstance(examples, list)
+            examples.extend(report.examples.get(reason, [])[: MAX_EXAMPLE_KEYS - len(examples)])
 
 
 def write_stats(out: str, stats: dict[str, object]) -> str:
