@@ -272,31 +272,9 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0, *, test_cop
         folder.mkdir(parents=True, exist_ok=True)
     rngs = [np.random.default_rng([seed, split]) for split in range(4)]  # gold, web, test, the copies
 
-    # gold: detection + grounding annotations of the same images
-    images, anns, g_images, g_anns = [], [], [], []
-    for image_id, image, objects, caption, spans in _split(rngs[0], spec.gold, spec, 1, BASE_KINDS):
-        name = f"{image_id:06d}.jpg"
-        (paths.gold_images / name).write_bytes(_jpeg(image))
-        info = {"id": image_id, "file_name": name, "width": image.width, "height": image.height}
-        images.append(info)
-        anns += _coco_boxes(objects, image_id, len(anns) + 1)
-        g_images.append({**info, "caption": caption})
-        for (start, end), members in spans:
-            for member in members:
-                [ann] = _coco_boxes([objects[member]], image_id, len(g_anns) + 1)
-                g_anns.append({**ann, "tokens_positive": [[start, end]], "phrase": caption[start:end]})
-    _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories(BASE_KINDS)})
-    _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories(BASE_KINDS)})
-
+    _write_gold(paths, spec, rngs[0])
     # test: held out (drawn before the web split is written: its copies go into the web shards)
-    test_samples = list(_split(rngs[2], spec.test, spec, 1))
-    images, anns = [], []
-    for image_id, image, objects, _, _ in test_samples:
-        name = f"{image_id:06d}.jpg"
-        (paths.test_images / name).write_bytes(_jpeg(image))
-        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
-        anns += _coco_boxes(objects, image_id, len(anns) + 1)
-    _write_json(paths.test_coco, {"images": images, "annotations": anns, "categories": _categories()})
+    test_samples = _write_test(paths, spec, rngs[2])
 
     # the copies of test images, and the web shard each is appended to
     copied = sorted(int(i) for i in rngs[3].choice(len(test_samples), size=copies, replace=False)) if copies else []
@@ -326,6 +304,37 @@ def write_world(out: str | Path, size: str = "small", seed: int = 0, *, test_cop
     _write_json(paths.web_gold, {"images": images, "annotations": anns, "categories": _categories()})
     _write_json(paths.web_test_copies, {"copies": listing})
     return paths
+
+
+def _write_gold(paths: WorldPaths, spec: WorldSize, rng: np.random.Generator) -> None:
+    """The gold split: detection + grounding annotations of the same images, base kinds only."""
+    images, anns, g_images, g_anns = [], [], [], []
+    for image_id, image, objects, caption, spans in _split(rng, spec.gold, spec, 1, BASE_KINDS):
+        name = f"{image_id:06d}.jpg"
+        (paths.gold_images / name).write_bytes(_jpeg(image))
+        info = {"id": image_id, "file_name": name, "width": image.width, "height": image.height}
+        images.append(info)
+        anns += _coco_boxes(objects, image_id, len(anns) + 1)
+        g_images.append({**info, "caption": caption})
+        for (start, end), members in spans:
+            for member in members:
+                [ann] = _coco_boxes([objects[member]], image_id, len(g_anns) + 1)
+                g_anns.append({**ann, "tokens_positive": [[start, end]], "phrase": caption[start:end]})
+    _write_json(paths.gold_coco, {"images": images, "annotations": anns, "categories": _categories(BASE_KINDS)})
+    _write_json(paths.gold_grounding, {"images": g_images, "annotations": g_anns, "categories": _categories(BASE_KINDS)})
+
+
+def _write_test(paths: WorldPaths, spec: WorldSize, rng: np.random.Generator) -> list:
+    """The held-out test split, every kind; returns its samples (the web split hides copies of some)."""
+    test_samples = list(_split(rng, spec.test, spec, 1))
+    images, anns = [], []
+    for image_id, image, objects, _, _ in test_samples:
+        name = f"{image_id:06d}.jpg"
+        (paths.test_images / name).write_bytes(_jpeg(image))
+        images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
+        anns += _coco_boxes(objects, image_id, len(anns) + 1)
+    _write_json(paths.test_coco, {"images": images, "annotations": anns, "categories": _categories()})
+    return test_samples
 
 
 def _write_json(path: Path, data: dict) -> None:
