@@ -345,11 +345,28 @@ class GLIPLoss:
             / num_pos_avg
         )
 
+        reg_loss, centerness_loss = self._box_losses(
+            regression, centerness_logits, flat_anchors, assigned.boxes, positive, num_pos_avg=num_pos_avg, device=device
+        )
+        return {
+            "loss_reg": reg_loss * self.reg_loss_weight,
+            "loss_centerness": centerness_loss,
+            "loss_dot_product_token": token_loss * self.token_loss_weight,
+            "num_positives": torch.tensor(float(positive.numel())),
+        }
+
+    def _box_losses(
+        self, regression: Tensor, centerness_logits: Tensor, flat_anchors: Tensor, boxes: Tensor, positive: Tensor, *,
+        num_pos_avg: float, device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """(GIoU loss weighted by the centerness targets, centerness BCE) of the `positive` [P]
+        anchors: regression [B*A, 4] deltas, centerness_logits [B*A], flat_anchors and assigned
+        boxes [B*A, 4] xyxy."""
         pred = regression[positive]
         pred_centerness = centerness_logits[positive]
         if positive.numel() > 0:
             pos_anchors = flat_anchors[positive]
-            target_deltas = self.box_coder.encode(assigned.boxes[positive], pos_anchors)
+            target_deltas = self.box_coder.encode(boxes[positive], pos_anchors)
             # Official: centerness from the GT decoded back from its deltas (a round trip).
             ctr_targets = centerness_targets(self.box_coder.decode(target_deltas, pos_anchors), pos_anchors)
             ctr_sum_avg = _average_over_workers(float(ctr_targets.sum()), device)
@@ -366,12 +383,7 @@ class GLIPLoss:
             _average_over_workers(0.0, device)
             reg_loss = pred.sum()
             centerness_loss = pred_centerness.sum()
-        return {
-            "loss_reg": reg_loss * self.reg_loss_weight,
-            "loss_centerness": centerness_loss,
-            "loss_dot_product_token": token_loss * self.token_loss_weight,
-            "num_positives": torch.tensor(float(positive.numel())),
-        }
+        return reg_loss, centerness_loss
 
 
 def _anchor_weights(target: Mapping[str, Tensor], assigned: Tensor, num_gt: int, device) -> tuple[Tensor, Tensor]:
