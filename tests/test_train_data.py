@@ -12,17 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from model.augment import augment, flip_boxes, swap_left_right
 from model.text import load_tokenizer
 from model.train_targets import (
     GroundingExample,
     TrainingSample,
     append_negative_phrases,
-    augment,
     capped_positive_map,
     collate,
     detection_caption,
-    flip_boxes,
-    swap_left_right,
     xywh_to_xyxy,
 )
 from pipeline.io.shards import iter_webdataset_samples

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.train_targets import GroundingExample, TrainingBatch, augment, collate
+from model.augment import augment
+from model.train_targets import GroundingExample, TrainingBatch, collate
 from pipeline.io import storage
 from pipeline.io.images import ImageDecodeError, decode_rgb
 from pipeline.train.data.mixing import MixedSampleStream, PlannedSample
