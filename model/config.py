@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 
 # GLIP's training short sides (INPUT.MIN_SIZE_TRAIN of the pretrain configs) and long-side cap;
-# here, not in `model.train_targets`, so that configuration code reads them without torch.
+# here, not in `model.augment`, so that configuration code reads them without torch.
 TRAIN_MIN_SIZES = (480, 560, 640, 720, 800)
 TRAIN_MAX_SIZE = 1333
 
