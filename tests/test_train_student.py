@@ -58,7 +58,8 @@ def overfit_json(tmp_path_factory, shared_data: Path) -> Path:
 def _config(
     out: Path, json_path: Path, images: Path, *, steps: int = 4, batch_size: int = 1, min_sizes=(128, 160), max_size: int = 224,
     flip_probability: float = 0.5, variant: str = "tiny", init: str | None = None, init_text: str | None = "minilm",
-    freeze_text: bool = False, lr: float = 1e-4, lang_lr: float = 1e-5, warmup_steps: int = 0, schedule: str = "step",
+    freeze_text: bool = False, freeze_backbone: bool = False, init_backbone: str | None = None, lr: float = 1e-4,
+    lang_lr: float = 1e-5, warmup_steps: int = 0, schedule: str = "step",
     workers: int = 1, cpus_per_worker: int = 2, checkpoint_every: int = 2, log_every: int = 1, fail_at_step: int | None = None,
 ) -> TrainConfig:
     return TrainConfig(
@@ -67,7 +68,10 @@ def _config(
         seed=3,
         log_every=log_every,
         fail_at_step=fail_at_step,
-        model=StudentModel(variant=variant, init=init, init_text=init_text, freeze_text=freeze_text),
+        model=StudentModel(
+            variant=variant, init=init, init_text=init_text, freeze_text=freeze_text, freeze_backbone=freeze_backbone,
+            init_backbone=init_backbone,
+        ),
         data=DataConfig(
             sources=(SourceSpec(kind="coco", paths=(str(json_path),), images=str(images)),),
             batch_size=batch_size,
@@ -230,17 +234,19 @@ def test_init_from_checkpoint_keeps_weights_at_zero_lr(ray_cluster, tmp_path, ov
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_freeze_text_keeps_the_text_encoder_and_trains_the_rest(ray_cluster, tmp_path, overfit_json, shared_data):
-    """`--freeze-text` on the demo's `tiny-cpu` variant with two 1-CPU DDP workers: the text
-    encoder leaves training exactly as all-MiniLM-L6-v2 loaded it, the head does not."""
+def test_freeze_text_and_backbone_keep_their_weights_and_train_the_rest(ray_cluster, tmp_path, overfit_json, shared_data):
+    """`--freeze-text --freeze-backbone` on the demo's `tiny-mnv2` variant (ImageNet body) with
+    two 1-CPU DDP workers: the text encoder and the MobileNetV2 body leave training exactly as
+    all-MiniLM-L6-v2 and the ImageNet file loaded them; the FPN and the head do not."""
     from pipeline.train.loop import build_student
 
-    config = _config(tmp_path / "frozen", overfit_json, shared_data / IMAGES, variant="tiny-cpu", steps=2, freeze_text=True,
-                     workers=2, cpus_per_worker=1, lang_lr=1e-3)
+    config = _config(tmp_path / "frozen", overfit_json, shared_data / IMAGES, variant="tiny-mnv2", steps=2, freeze_text=True,
+                     freeze_backbone=True, init_backbone="imagenet", workers=2, cpus_per_worker=1, lang_lr=1e-3, lr=1e-3)
     start = build_student(config.model, seed=config.seed).state_dict()
     after = {k.removeprefix("module."): v for k, v in _weights(Path(run_training(config).student)).items()}  # official layout
-    text = [k for k in start if k.startswith("language_backbone.") and k in after]
-    assert len(text) > 50 and all(torch.equal(start[k], after[k]) for k in text)
-    head = [k for k in start if k.startswith("rpn.head.dyhead_tower.") and k.endswith("weight")]
+    for prefix, least in (("language_backbone.", 50), ("backbone.body.", 100)):
+        frozen = [k for k in start if k.startswith(prefix) and k in after]
+        assert len(frozen) > least and all(torch.equal(start[k], after[k]) for k in frozen), prefix
+    head = [k for k in start if k.startswith(("rpn.head.dyhead_tower.", "backbone.fpn.")) and k.endswith("weight")]
     assert not any(".offset." in k for k in after)  # plain convs in DyHead
     assert sum(not torch.equal(start[k], after[k]) for k in head) > len(head) // 2

@@ -35,6 +35,7 @@ class StudentModel:
     init_text: str | None = None  # "minilm": the real all-MiniLM-L6-v2 text weights (tiny variants)
     init_backbone: str | None = None  # "imagenet" or the file: MobileNetV2 body weights (tiny-mnv2)
     freeze_text: bool = False  # MODEL.LANGUAGE_BACKBONE.FREEZE: the fusion layers still train
+    freeze_backbone: bool = False  # MODEL.BACKBONE.FREEZE: the visual body keeps its weights; FPN and head train
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:

@@ -106,7 +106,11 @@ def build_student(spec: StudentModel, *, seed: int) -> torch.nn.Module:
     # A frozen text encoder (MODEL.LANGUAGE_BACKBONE.FREEZE) keeps its weights; the fusion
     # and extra BERT layers of the head still train.
     for name, parameter in model.named_parameters():
-        if name.startswith("rpn.head.cls_logits") or (spec.freeze_text and name.startswith("language_backbone.")):
+        if (
+            name.startswith("rpn.head.cls_logits")
+            or (spec.freeze_text and name.startswith("language_backbone."))
+            or (spec.freeze_backbone and name.startswith("backbone.body."))
+        ):
             parameter.requires_grad_(False)
     if spec.grad_checkpointing:
         model.set_gradient_checkpointing(True)

@@ -137,6 +137,10 @@ def train_student(
         _MODEL.freeze_text, "--freeze-text",
         help="Keep the text encoder's weights fixed (MODEL.LANGUAGE_BACKBONE.FREEZE); fusion layers still train.",
     ),
+    freeze_backbone: bool = typer.Option(
+        _MODEL.freeze_backbone, "--freeze-backbone",
+        help="Keep the visual body's weights fixed (MODEL.BACKBONE.FREEZE); the FPN and the head still train.",
+    ),
     checkpoint_every: int = typer.Option(_CKPT.every, "--checkpoint-every", help="Steps between checkpoints."),
     keep_checkpoints: Optional[int] = typer.Option(_CKPT.keep, "--keep-checkpoints", help="Checkpoints kept (latest)."),
     log_every: int = typer.Option(_RUN.log_every, "--log-every", help="Steps between progress lines."),
@@ -178,7 +182,7 @@ def train_student(
         log_every=log_every,
         model=StudentModel(
             variant=config, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
-            grad_checkpointing=grad_checkpointing,
+            freeze_backbone=freeze_backbone, grad_checkpointing=grad_checkpointing,
         ),
         data=DataConfig(
             sources=sources,
