@@ -115,6 +115,13 @@ VARIANTS["tiny-cpu"] = dataclasses.replace(
 # `tiny-cpu` on torchvision's MobileNetV2 (stride 8-32 stages) instead of a random-init Swin:
 # the only visual backbone with ImageNet weights available offline (see model/mobilenet.py).
 VARIANTS["tiny-mnv2"] = dataclasses.replace(VARIANTS["tiny-cpu"], name="tiny-mnv2", backbone="mobilenet_v2")
+# `tiny-mnv2` with GLIP-T(A)'s head (no deep fusion: the words are matched against the visual
+# features with the text encoder's own output): the demo's model. Without the fusion and extra
+# BERT layers a CPU step takes half the time, and with its ImageNet body frozen (`--freeze-backbone`)
+# the head learns to tell the shapes apart within the demo's budget (README, "the demo's model").
+VARIANTS["tiny-mnv2-a"] = dataclasses.replace(
+    VARIANTS["tiny-mnv2"], name="tiny-mnv2-a", head=dataclasses.replace(VARIANTS["tiny-mnv2"].head, early_fuse=False)
+)
 ALIASES = {"glip-t-b": "glip-t", "glip-t-c": "glip-t", "glip-tiny": "glip-t", "glip-large": "glip-l"}
 
 

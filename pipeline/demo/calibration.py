@@ -48,10 +48,12 @@ def split_gold(web_gold: Path, out: Path, *, fraction: float, seed: int) -> tupl
 
 def calibrate_on_part(
     *, shards: str, detections: str, web_gold: Path, out: Path, filtered: dict[str, str], seed: int,
-    settings: DemoCalibration = DemoCalibration(),
+    settings: DemoCalibration = DemoCalibration(), assign: str = "none",
 ) -> dict:
     """Calibrate on a sample of `web_gold`, filter `shards` with the policy into `out/filtered`,
     and rate it and each preset's output (`filtered`: name -> filter output folder) on the rest.
+    `assign` ("caption") is applied to the calibrated policy as to the presets (`--assign`); the
+    precision on the rest is measured on what that filter kept.
 
     A calibration the sample cannot support is part of the result (`refused`: calibrate's own
     one-line reason), not an error: the small world's 4-step teacher reaches no target."""
@@ -72,7 +74,9 @@ def calibrate_on_part(
         return {**result, "refused": str(error), "rest": _rate_presets(rest, filtered)}
     measured = calibration["calibration"]
     folder = out / "filtered"
-    stats = run_filter(FilterConfig(inputs=(shards,), detections=detections, out=str(folder), policy=load_policy_file(str(out / "policy.json"))))
+    stats = run_filter(FilterConfig(inputs=(shards,), detections=detections, out=str(folder), policy=load_policy_file(str(out / "policy.json")).with_overrides(
+        assign=None if assign == "none" else assign
+    )))
     on_rest = _rate(rest, str(folder / "pseudo"))
     low, high = measured["precision_interval"]
     return {

@@ -101,7 +101,7 @@ def _run_round(
     )
     calibration = state.run(stage("calibrate on part of the web gold, filter the rest"), progress, lambda: calibrate_on_part(
         shards=shards, detections=str(folder / "pseudo_label"), web_gold=paths.web_gold, out=folder / "calibration",
-        filtered={name: str(folder / "filtered" / name) for name in PRESET_NAMES}, seed=seed,
+        filtered={name: str(folder / "filtered" / name) for name in PRESET_NAMES}, seed=seed, assign=recipe.assign,
     ))
     student_sources = list(gold)
     labels = _student_labels(folder, preset, presets, calibration)

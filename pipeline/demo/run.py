@@ -78,11 +78,12 @@ class DemoProgress:
 
 
 def run_demo(
-    out: Path, *, size: str = "default", seed: int = 0, preset: str = "glip", control: bool = True,
+    out: Path, *, size: str = "default", seed: int = 0, preset: str | None = None, control: bool = True,
     recipe: StudentRecipe | None = None, rounds: int = 1, resume: bool = False,
 ) -> dict:
     """Run the loop in `out`; returns the report dict (also written as report.json/html).
-    `recipe` overrides the schedule's student recipe; `rounds` > 1 runs the loop again with
+    `preset` (None: the schedule's) picks the student's pseudo-labels; `recipe` overrides the
+    schedule's student recipe; `rounds` > 1 runs the loop again with
     each round's student as the next teacher; `resume` goes on with the run `out` holds."""
     from pipeline.cluster import init_ray, shutdown_ray
     from pipeline.demo.state import DemoState
@@ -92,6 +93,7 @@ def run_demo(
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
     schedule = SCHEDULES[size] if recipe is None else replace(SCHEDULES[size], recipe=recipe)
+    preset = preset or schedule.preset
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     state = DemoState(out, _resume_settings(size=size, seed=seed, preset=preset, control=control, schedule=schedule), resume=resume)
@@ -204,7 +206,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the world, every stage's output and the report."),
     size: str = typer.Option("default", "--size", help="small (CI, ~1 min), default (<= 10 min on 2 cores) or large."),
     seed: int = typer.Option(0, "--seed", help="World and training seed."),
-    preset: str = typer.Option("glip", "--preset", help="Filter preset of the student's pseudo-labels (glip, grit, owlst), or calibrated: the policy calibrate picks on 10% of the web gold."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Filter preset of the student's pseudo-labels (glip, grit, owlst), or calibrated: the policy calibrate picks on 10% of the web gold (default: calibrated; glip at --size small)."),
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the gold-only control."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run in --out."),
     pseudo_weight: Optional[float] = typer.Option(None, "--pseudo-weight", help="Mixing weight of the pseudo source (gold sources weigh 1)."),
@@ -232,6 +234,8 @@ def demo_command(
 
         pipeline demo --out runs/r2 --rounds 2 --resume
     """
+    if preset is None:
+        preset = SCHEDULES.get(size, SCHEDULES["default"]).preset
     if preset not in (*PRESET_NAMES, CALIBRATED):
         raise fail(f"--preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}")
     if resume and overwrite:
