@@ -38,11 +38,16 @@ def test_a_wrong_weights_file_is_refused(tmp_path):
         load_imagenet_weights(MobileNetV2Body(), fake)
 
 
-def test_tiny_mnv2_checkpoint_round_trips(tmp_path):
-    model = GLIP(get_config("tiny-mnv2"))
+@pytest.mark.parametrize("variant", ["tiny-mnv2", "tiny-mnv2-a"])
+def test_tiny_mnv2_checkpoint_round_trips(tmp_path, variant):
+    """Both MobileNetV2 variants save and load back to the same tensors and configuration; the
+    demo's `tiny-mnv2-a` has GLIP-T(A)'s head (no fusion layers)."""
+    model = GLIP(get_config(variant))
     load_imagenet_weights(model.backbone.body)
     save_glip(model, tmp_path / "m.pth", provenance={"test": True})
     loaded, info = load_glip(tmp_path / "m.pth")
-    assert info.variant == "tiny-mnv2" and loaded.config.backbone == "mobilenet_v2"
+    assert info.variant == variant and loaded.config.backbone == "mobilenet_v2"
     state, again = model.state_dict(), loaded.state_dict()
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    has_fusion = any(".b_attn." in key for key in state)
+    assert has_fusion == (variant == "tiny-mnv2") and loaded.config.head.early_fuse == has_fusion
