@@ -43,7 +43,7 @@ class DemoSchedule:
     # The tiny GLIP-T(A) (no deep fusion) with plain convs in DyHead on an ImageNet-pretrained
     # MobileNetV2 (the only pretrained visual weights available offline), kept frozen; its text
     # encoder starts from all-MiniLM-L6-v2 and stays frozen too: the FPN, the DyHead and the
-    # dot-product projection train (README, "the demo's model", for why).
+    # dot-product projection train (README: "a teacher that names", for why).
     variant: str = "tiny-mnv2-a"
     init_backbone: str | None = "imagenet"
     freeze_backbone: bool = True

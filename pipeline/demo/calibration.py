@@ -74,9 +74,8 @@ def calibrate_on_part(
         return {**result, "refused": str(error), "rest": _rate_presets(rest, filtered)}
     measured = calibration["calibration"]
     folder = out / "filtered"
-    stats = run_filter(FilterConfig(inputs=(shards,), detections=detections, out=str(folder), policy=load_policy_file(str(out / "policy.json")).with_overrides(
-        assign=None if assign == "none" else assign
-    )))
+    policy = load_policy_file(str(out / "policy.json")).with_overrides(assign=None if assign == "none" else assign)
+    stats = run_filter(FilterConfig(inputs=(shards,), detections=detections, out=str(folder), policy=policy))
     on_rest = _rate(rest, str(folder / "pseudo"))
     low, high = measured["precision_interval"]
     return {
