@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.demo.world import BASE_KINDS, TAIL_KINDS, WorldPaths
@@ -59,7 +58,7 @@ RECIPE = StudentRecipe(score_weight=True, background_weight=0.5, augment="strong
 # 10% of the web gold), matched to the caption's phrases jointly (`--assign caption`): a tail
 # object, whose name the teacher never saw, takes the phrase the base objects leave. The small
 # world's 4-step teacher cannot be calibrated, so its student keeps the `glip` preset.
-CAPTION_RECIPE = dataclasses.replace(RECIPE, assign="caption")
+CAPTION_RECIPE = replace(RECIPE, assign="caption")
 SCHEDULES = {
     "small": DemoSchedule(teacher_steps=4, student_steps=4, min_sizes=(128,), gallery=8, recipe=RECIPE),
     "default": DemoSchedule(teacher_steps=1000, student_steps=720, recipe=CAPTION_RECIPE, preset="calibrated"),

@@ -234,9 +234,7 @@ def demo_command(
 
         pipeline demo --out runs/r2 --rounds 2 --resume
     """
-    if preset is None:
-        preset = SCHEDULES.get(size, SCHEDULES["default"]).preset
-    if preset not in (*PRESET_NAMES, CALIBRATED):
+    if preset is not None and preset not in (*PRESET_NAMES, CALIBRATED):
         raise fail(f"--preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}")
     if resume and overwrite:
         raise fail("--resume and --overwrite exclude each other")

@@ -165,7 +165,8 @@ def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
 # Settings that must not change when a run is resumed (the rest, e.g. logging, may).
 _RESUME_KEYS = (
     "model.variant", "steps", "data.batch_size", "resources.workers", "seed", "data.sources",
-    "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone", "model.freeze_backbone",
+    "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
+    "model.freeze_backbone",
     "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight",
     "data.augment.crop_probability", "data.augment.cutout_probability", "data.augment.scale_jitter",
 )
