@@ -42,7 +42,7 @@ _ABSTRACT = {
     "health", "news", "information", "detail", "details", "example", "sale", "price",
     "review", "size", "color", "colour", "version", "edition", "collection", "series",
     "set", "number", "amount", "couple", "bunch", "group", "pair", "selection",
-    "availability", "delivery", "shipping", "use", "background", "foreground", "scene",
+    "availability", "delivery", "shipping", "use", "background", "backdrop", "foreground", "scene",
     "place", "location",
 }
 # Left out on purpose, because COCO/CC3M use them for drawable things at least as often:
@@ -74,6 +74,31 @@ def is_non_visual_head(word: str) -> bool:
     # No lemmatizer runs (it is disabled for speed), so plurals are matched by one rule that
     # covers the regular English plurals of this list ("views", "photos", "images").
     return len(lower) > 3 and lower.endswith("s") and lower[:-1] in NON_VISUAL_HEADS
+
+
+def singular(word: str) -> str:
+    """A regular English plural's singular, by rule ("rings" -> "ring", "crosses" -> "cross",
+    "berries" -> "berry", "boxes" -> "box"); other words unchanged. No lemmatizer runs here
+    (the phrase extractor disables spaCy's for speed), so irregular plurals stay as they are."""
+    lower = word.lower()
+    if len(lower) <= 3 or not lower.endswith("s") or lower.endswith(("ss", "us", "is")):
+        return word
+    if lower.endswith("ies") and len(lower) > 4:
+        return word[:-3] + ("Y" if word[-3].isupper() else "y")
+    if lower.endswith(("sses", "ches", "shes", "xes", "zes")):
+        return word[:-2]
+    return word[:-1]
+
+
+def phrase_name(phrase: str) -> str:
+    """The class name a grounded phrase stands for: its head noun (the last word, as the `glip`
+    and `ngrams` extractors take it, and the root of most noun chunks), lower case and singular:
+    "two blue rings" -> "ring", "A small dotted red cross" -> "cross". Empty when the phrase has
+    no alphabetic word. Used to turn pseudo-labels into detection-style prompts
+    (`train-student --pseudo-prompt names`)."""
+    words = [w.strip(".,;:!?\"'()[]{}") for w in phrase.split()]
+    words = [w for w in words if any(c.isalpha() for c in w)]
+    return singular(words[-1]).lower() if words else ""
 
 
 # --- web boilerplate removed from captions before parsing -----------------------------------

@@ -442,6 +442,76 @@ def test_pseudo_weighting_turns_teacher_scores_into_box_weights(tmp_path, shared
     assert weighting.box_weights(np.array([0.3, 0.4, 0.8], dtype=np.float32)).tolist() == pytest.approx([0.0, 0.4, 0.8])
 
 
+def _named_pseudo_shard(folder: Path, shared_data: Path, coco: dict) -> None:
+    """One pseudo tar of 3 real COCO images whose captions name their boxes with counts,
+    adjectives and plurals; each region has its own teacher score."""
+    from bench.sample_shards import add_member
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = sorted(coco["images"], key=lambda i: i["id"])[:3]
+    captions = [
+        ("two brown dogs beside a small white cat", ["two brown dogs", "two brown dogs", "a small white cat"]),
+        ("A red bus with three wooden benches and a stock photo", ["A red bus", "three wooden benches"]),
+        ("some glasses on the table", ["some glasses", "the table"]),
+    ]
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for number, (image, (caption, phrases)) in enumerate(zip(images, captions)):
+            regions, cursor = [], {}
+            for index, phrase in enumerate(phrases):
+                start = caption.index(phrase)
+                box = [10.0 + 20 * index, 10.0, 60.0 + 20 * index, 70.0]
+                regions.append({"bbox": box, "phrase": phrase, "tokens_positive": [[start, start + len(phrase)]],
+                                "score": round(0.3 + 0.1 * index + 0.01 * number, 2)})
+            sample = {"key": f"k{number}", "width": image["width"], "height": image["height"],
+                      "grounding": {"caption": caption, "regions": regions}}
+            add_member(tar, f"k{number}.jpg", (shared_data / IMAGES / image["file_name"]).read_bytes())
+            add_member(tar, f"k{number}.json", json.dumps(sample).encode())
+
+
+def test_pseudo_names_prompt_names_each_box_by_its_head_noun(tmp_path, shared_data, coco, tokenizer):
+    from nlp.vocabulary import phrase_name
+
+    assert [phrase_name(p) for p in ("two brown dogs", "A small dotted red CROSS", "three crosses", "some berries", "a glass", "42")] == [
+        "dog", "cross", "cross", "berry", "glass", ""]
+    _named_pseudo_shard(tmp_path / "pseudo", shared_data, coco)
+    spec = SourceSpec(kind="pseudo", paths=(str(tmp_path / "pseudo"),))
+    weighting = PseudoWeighting(prompt="names", score_weight=True)
+    stream = MixedSampleStream(specs=[spec], tokenizer=tokenizer, seed=3, pseudo_weighting=weighting)
+    planned = [stream.next_sample() for _ in range(12)]
+    seen_negatives = False
+    for p in planned:
+        regions = {tuple(r["bbox"]): r for r in _regions_of(tmp_path / "pseudo", p.record.key)}
+        assert len(p.spans) == len(p.boxes) == len(p.weights)
+        for box, spans, weight in zip(p.boxes.tolist(), p.spans, p.weights.tolist()):
+            region = regions[tuple(box)]
+            [(start, end)] = spans
+            # each box keeps its own span (its head noun in the prompt) and its own teacher score
+            assert p.caption[start:end] == phrase_name(region["phrase"])
+            assert weight == pytest.approx(region["score"])
+        names = set(p.caption.split(". "))
+        own = {phrase_name(r["phrase"]) for r in regions.values()}
+        assert own <= names  # every box's name is in the prompt (a short prompt: none is cut)
+        seen_negatives |= bool(names - own)
+    assert seen_negatives  # names of other pseudo samples appear as negatives
+    # the caption prompt is unchanged by the option's default
+    plain = MixedSampleStream(specs=[spec], tokenizer=tokenizer, seed=3).next_sample()
+    assert plain.caption.startswith(plain.record.caption)
+    # resume: the names pool is part of the state, so a resumed stream continues identically
+    reference = MixedSampleStream(specs=[spec], tokenizer=tokenizer, seed=3, pseudo_weighting=weighting)
+    for _ in range(5):
+        reference.next_sample()
+    resumed = MixedSampleStream(specs=[spec], tokenizer=tokenizer, seed=3, pseudo_weighting=weighting)
+    resumed.load_state_dict(json.loads(json.dumps(reference.state_dict())))
+    assert [resumed.next_sample().caption for _ in range(7)] == [p.caption for p in planned[5:]]
+    with pytest.raises(ValueError, match="--pseudo-prompt 'tags'"):
+        PseudoWeighting(prompt="tags")
+
+
+def _regions_of(folder: Path, key: str) -> list[dict]:
+    with tarfile.open(folder / "00000.tar") as tar:
+        return json.load(tar.extractfile(f"{key}.json"))["grounding"]["regions"]
+
+
 def test_workers_split_indexable_sources(shared_data, tokenizer):
     spec = [SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES))]
     streams = [MixedSampleStream(specs=spec, tokenizer=tokenizer, seed=1, rank=r, world_size=2) for r in (0, 1)]

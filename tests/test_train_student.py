@@ -171,6 +171,8 @@ def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_pat
     assert bad.exit_code == 2 and "--augment 'wild'" in bad.output
     band = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--pseudo-ignore-below", "1.5"])
     assert band.exit_code == 2 and "pseudo_ignore_below" in band.output
+    prompt = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "d"), "--pseudo-prompt", "tags"])
+    assert prompt.exit_code == 2 and "--pseudo-prompt 'tags': choose one of caption, names" in prompt.output
     wrong_body = CliRunner().invoke(app, [*base[:2], "tiny", *base[3:], "--out", str(tmp_path / "c"), "--init-backbone", "imagenet"])
     assert wrong_body.exit_code == 2 and "only the mobilenet_v2 backbone" in wrong_body.output
 

@@ -26,6 +26,7 @@ class StudentRecipe:
     augment: str = "weak"  # --augment (student and control)
     phrase_score: str = "mean"  # the teacher's phrase scores in pseudo-label (--phrase-score)
     assign: str = "none"  # the filter's box-to-phrase matching (--assign none|caption)
+    pseudo_prompt: str = "caption"  # --pseudo-prompt: pseudo samples prompted by their caption or by class names
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def train_arm(
     if recipe is not None:
         augment = augment_options(recipe.augment)
         pseudo = PseudoWeighting(
-            score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight
+            score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight,
+            prompt=recipe.pseudo_prompt,
         )
 
     config = TrainConfig(

@@ -167,7 +167,7 @@ _RESUME_KEYS = (
     "model.variant", "steps", "data.batch_size", "resources.workers", "seed", "data.sources",
     "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
     "model.freeze_backbone",
-    "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight",
+    "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight", "data.pseudo.prompt",
     "data.augment.crop_probability", "data.augment.cutout_probability", "data.augment.scale_jitter",
 )
 

@@ -157,6 +157,11 @@ def train_student(
     pseudo_background_weight: float = typer.Option(
         _PSEUDO.background_weight, "--pseudo-background-weight", help="Weight of the background (negative) loss in pseudo images (0..1)."
     ),
+    pseudo_prompt: str = typer.Option(
+        _PSEUDO.prompt, "--pseudo-prompt",
+        help="caption: pseudo samples keep their caption as the prompt; names: each box's phrase becomes its head noun and the "
+        "prompt lists class names with negatives from other pseudo samples (OWL-ST, GLIP's od_to_grounding).",
+    ),
     augment: str = typer.Option(
         "weak", "--augment", help="weak (resize + flip, official) or strong (+ scale jitter, box-keeping crop, cutout; Noisy Student)."
     ),
@@ -191,7 +196,8 @@ def train_student(
                 min_sizes=tuple(min_size) if min_size else _AUG.min_sizes, max_size=max_size, **augment_options(augment)
             ),
             pseudo=PseudoWeighting(
-                score_weight=pseudo_score_weight, ignore_below=pseudo_ignore_below, background_weight=pseudo_background_weight
+                score_weight=pseudo_score_weight, ignore_below=pseudo_ignore_below, background_weight=pseudo_background_weight,
+                prompt=pseudo_prompt,
             ),
             max_negative_phrases=negatives,
             loader_threads=loader_threads,

@@ -5,7 +5,10 @@ Sources are mixed with their `SourceSpec.weight`. Every random decision of sampl
 `state_dict()` (per-source counters, open pseudo shards and their cursors, the recent phrases
 used as negatives) lets `--resume` continue exactly where a run stopped. Grounding captions get
 other samples' phrases appended as negatives (phrases without boxes), within the 256-token
-budget; detection records get a prompt of class names drawn per sample.
+budget; detection records get a prompt of class names drawn per sample. With
+`PseudoWeighting.prompt == "names"` a pseudo record is prompted like a detection record: each
+box's phrase becomes its head noun (`nlp.vocabulary.phrase_name`), and negative names come from
+the recent pseudo samples' names (a pool kept in the state like the phrase pool).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from model.train_targets import append_negative_phrases, detection_caption
+from nlp.vocabulary import phrase_name
 from pipeline.train.data.pseudo_stream import PseudoShardStream, list_pseudo_shards
 from pipeline.train.data.records import Record, Span, read_json
 from pipeline.train.data.sources import CocoDetectionSource, GroundingJsonSource, InMemorySource, OdvgSource
@@ -91,6 +95,7 @@ class MixedSampleStream:
         self.position = 0
         self.source_counts = [0] * len(self.sources)
         self.phrase_pool: deque[str] = deque(maxlen=phrase_pool_size)
+        self.name_pool: deque[str] = deque(maxlen=phrase_pool_size)  # pseudo class names (prompt "names")
         self._token_cache: dict[str, int] = {}
 
     def count_tokens(self, text: str) -> int:
@@ -143,8 +148,10 @@ class MixedSampleStream:
         record = source.next_record() if is_pseudo else self._indexed(source_index)
         self.source_counts[source_index] += 1
 
-        boxes = record.boxes
-        if record.is_detection:
+        boxes, scores = record.boxes, record.scores
+        if is_pseudo and self.pseudo_weighting.prompt == "names":
+            caption, spans, boxes, scores = self._as_names(record, rng)
+        elif record.is_detection:
             caption, spans, keep = detection_caption(
                 record.box_names, record.vocabulary or record.box_names, rng,
                 count_tokens=self.count_tokens, max_query_len=self.max_query_len,
@@ -154,19 +161,38 @@ class MixedSampleStream:
             spans = [list(s) for s in record.spans or []]
             caption = self._with_negatives(record, rng)
         weights, background = None, None
-        if is_pseudo and self.pseudo_weighting.active and record.scores is not None:
-            weights = self.pseudo_weighting.box_weights(record.scores)
+        if is_pseudo and self.pseudo_weighting.active and scores is not None:
+            weights = self.pseudo_weighting.box_weights(scores)
             background = self.pseudo_weighting.background_weight
         return PlannedSample(
             record=record, caption=caption, spans=spans, boxes=boxes, augment_seed=int(rng.integers(2**62)),
             source=source.kind, weights=weights, background_weight=background,
         )
 
+    def _as_names(self, record: Record, rng: np.random.Generator):
+        """A pseudo record as a detection prompt: (caption, spans, boxes, scores). Each box is
+        named by its phrase's head noun; boxes whose phrase has none are dropped; negatives are
+        drawn from the names of recent pseudo samples (`detection_caption`, as for gold
+        detection data)."""
+        texts = (" ".join(record.caption[s:e] for s, e in entity) for entity in record.spans or [])
+        names = [phrase_name(text) for text in texts]
+        named = np.asarray([bool(n) for n in names], dtype=bool)
+        names = [n for n in names if n]
+        vocabulary = list(dict.fromkeys([*names, *self.name_pool]))
+        caption, spans, keep = detection_caption(
+            names, vocabulary, rng, count_tokens=self.count_tokens, max_query_len=self.max_query_len
+        )
+        self.name_pool.extend(dict.fromkeys(names))
+        chosen = np.flatnonzero(named)[np.asarray(keep, dtype=bool)] if names else np.zeros(0, dtype=np.int64)
+        scores = record.scores[chosen] if record.scores is not None else None
+        return caption, spans, record.boxes[chosen].reshape(-1, 4), scores
+
     def state_dict(self) -> dict:
         return {
             "position": self.position,
             "source_counts": list(self.source_counts),
             "phrase_pool": list(self.phrase_pool),
+            "name_pool": list(self.name_pool),
             "pseudo": {str(i): s.state_dict() for i, s in enumerate(self.sources) if isinstance(s, PseudoShardStream)},
             "sources": [s.name for s in self.specs],
         }
@@ -181,5 +207,7 @@ class MixedSampleStream:
         self.source_counts = [int(c) for c in state["source_counts"]]
         self.phrase_pool.clear()
         self.phrase_pool.extend(state["phrase_pool"])
+        self.name_pool.clear()
+        self.name_pool.extend(state.get("name_pool", []))  # absent in checkpoints of older runs
         for index, source_state in state["pseudo"].items():
             self.sources[int(index)].load_state_dict(source_state)

@@ -66,9 +66,20 @@ class AugmentSettings:
             raise ValueError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
 
 
+PSEUDO_PROMPTS = ("caption", "names")
+
+
 @dataclass(frozen=True)
 class PseudoWeighting:
-    """How the student's loss treats pseudo boxes (gold boxes always weigh 1).
+    """How the student learns from pseudo samples: their prompt and their boxes' loss weights
+    (gold boxes always weigh 1).
+
+    prompt: "caption" (the sample's own caption with its phrases' spans, other samples' phrases
+    appended as negatives, as for gold grounding data) or "names" (OWL-ST's and Detic's way, GLIP's
+    `od_to_grounding` applied to pseudo-labels: each box's phrase becomes its head noun as a class
+    name, "two blue rings" -> "ring", and the prompt lists the image's names with negative names
+    drawn from recent pseudo samples, "ring. square. cross. star", the way detection data and
+    class-name evaluation prompt the model);
 
     score_weight: a pseudo box's classification loss is scaled by its teacher score (Soft
     Teacher); ignore_below: boxes scoring under it are ignored, their anchors neither positive
@@ -80,8 +91,11 @@ class PseudoWeighting:
     score_weight: bool = False
     ignore_below: float = 0.0
     background_weight: float = 1.0
+    prompt: str = "caption"
 
     def __post_init__(self) -> None:
+        if self.prompt not in PSEUDO_PROMPTS:
+            raise ValueError(f"--pseudo-prompt {self.prompt!r}: choose one of {', '.join(PSEUDO_PROMPTS)}")
         if not 0.0 <= self.ignore_below <= 1.0:
             raise ValueError(f"pseudo_ignore_below must be in [0, 1], got {self.ignore_below}")
         if self.background_weight < 0:
