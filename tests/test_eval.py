@@ -137,3 +137,39 @@ def test_load_gold_rejects_non_coco(tmp_path):
     path.write_text('{"images": []}')
     with pytest.raises(EvalError, match="x.json: not a COCO detection file"):
         load_gold(path)
+
+
+def test_pseudo_label_names_per_category_against_hidden_gold(tmp_path):
+    """Hand-counted: image 1 holds a ring and a square, image 2 a ring but no pseudo sample."""
+    import io
+    import tarfile
+
+    from pipeline.evaluation.evaluate import load_gold
+    from pipeline.evaluation.label_names import names_by_category
+
+    gold = {
+        "images": [{"id": 1, "file_name": "000001.jpg", "width": 100, "height": 100},
+                   {"id": 2, "file_name": "000002.jpg", "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "ring"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "gold.json").write_text(json.dumps(gold))
+    regions = [
+        {"bbox": [0, 0, 20, 20], "phrase": "two blue rings", "score": 0.4},  # right: on the ring
+        {"bbox": [1, 1, 21, 21], "phrase": "a red square", "score": 0.6},  # wrong: a square name on the ring
+        {"bbox": [50, 50, 80, 80], "phrase": "a green thing", "score": 0.5},  # names no category
+    ]
+    sample = {"key": "000001", "width": 100, "height": 100, "grounding": {"caption": "x", "regions": regions}}
+    (tmp_path / "pseudo").mkdir()
+    with tarfile.open(tmp_path / "pseudo" / "00000.tar", "w") as tar:
+        for name, data in (("000001.jpg", b"jpeg"), ("000001.json", json.dumps(sample).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    names = names_by_category(load_gold(tmp_path / "gold.json"), [str(tmp_path / "pseudo")])
+    assert names["ring"] == {"labels": 1, "right": 1, "gold": 2, "named": 1, "precision": 1.0, "recall": 0.5}
+    assert names["square"] == {"labels": 1, "right": 0, "gold": 1, "named": 0, "precision": 0.0, "recall": 0.0}

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.demo.world import TAIL_KINDS
+
 ARMS = ("teacher", "student", "control")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 AP_SUMMARY = ("AP", "AP50", "AP_base", "AP_tail")  # per arm and round in the rounds table
@@ -157,6 +159,26 @@ def _calibration_html(calibration: dict, presets: dict) -> str:
     )
 
 
+def _names_html(names: dict, preset: str) -> str:
+    """The student's pseudo-labels per kind: is the name right (`evaluation.label_names`)."""
+    if not names:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(kind)}</th><td>{'tail' if kind in TAIL_KINDS else 'base'}</td><td>{n['labels']}</td>"
+        f"<td>{_pct(n['precision']) if n['precision'] is not None else '-'}</td><td>{n['gold']}</td>"
+        f"<td>{_pct(n['recall']) if n['recall'] is not None else '-'}</td></tr>"
+        for kind, n in names.items()
+    )
+    return (
+        f"<h2>The student's pseudo-labels ({html.escape(preset)}) by kind: is the name right?</h2>"
+        "<p>A label names a kind when its phrase holds the kind's word (\"two blue rings\" names ring); it is right when it lies "
+        "on a hidden gold box of that kind (IoU 0.5). The gold never names a tail kind: every right tail label was found "
+        "through the rest of its caption (colours, counts, the phrase the base objects leave).</p>"
+        "<table><tr><th>kind</th><th>part</th><th>labels naming it</th><th>name precision</th><th>gold objects (web)</th>"
+        f"<th>named right (recall)</th></tr>{rows}</table>"
+    )
+
+
 def _rounds_html(rounds: list[dict], preset: str) -> str:
     rows = ""
     for entry in rounds:
@@ -222,6 +244,7 @@ augmentation and the same gold, without the pseudo-labels. Student recipe: {reci
 <h2>What the world's gold lacks</h2><p>{html.escape(world)}</p>
 <h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
 <table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>
+{_names_html(report.get('pseudo_label_names', {}), report['preset'])}
 {_decontamination_html(report['decontamination'])}
 {_calibration_html(report['calibration'], report['pseudo_labels'])}
 {_rounds_html(report['rounds'], report['preset'])}

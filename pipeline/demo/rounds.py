@@ -105,6 +105,7 @@ def _run_round(
     ))
     student_sources = list(gold)
     labels = _student_labels(folder, preset, presets, calibration)
+    label_names = _label_names(paths, labels)
     if labels is not None:
         student_sources.append(SourceSpec(kind="pseudo", paths=(labels,), weight=recipe.pseudo_weight))
     else:  # a teacher whose scores all stay under the preset's threshold (e.g. --size small)
@@ -130,7 +131,17 @@ def _run_round(
     return {
         "round": number, "folder": str(folder.relative_to(out)), "models": models, "arms": arms, "presets": presets,
         "curves": curves, "calibration": calibration, "label_stats": label_stats, "pseudo_sources": len(student_sources) > len(gold),
+        "label_names": label_names,
     }
+
+
+def _label_names(paths: WorldPaths, labels: str | None) -> dict:
+    """Per kind, whether the student's pseudo-labels name it right (against the web split's
+    hidden gold): what the student can learn each word from. Empty without labels."""
+    from pipeline.evaluation.evaluate import load_gold
+    from pipeline.evaluation.label_names import names_by_category
+
+    return names_by_category(load_gold(paths.web_gold), [labels]) if labels else {}
 
 
 def _student_labels(folder: Path, preset: str, presets: dict, calibration: dict) -> str | None:

@@ -160,6 +160,7 @@ def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSche
             "pseudo_fraction": round(drawn.get("pseudo", 0) / max(sum(drawn.values()), 1), 4),
         },
         "pseudo_labels": presets,
+        "pseudo_label_names": runs["label_names"],
         "pseudo_label_curves": runs["curves"],
         "throughput": {
             "parse_captions_per_s": runs["parse_stats"]["throughput"]["samples_per_s"],
