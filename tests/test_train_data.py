@@ -452,7 +452,7 @@ def _named_pseudo_shard(folder: Path, shared_data: Path, coco: dict) -> None:
     captions = [
         ("two brown dogs beside a small white cat", ["two brown dogs", "two brown dogs", "a small white cat"]),
         ("A red bus with three wooden benches and a stock photo", ["A red bus", "three wooden benches"]),
-        ("some glasses on the table", ["some glasses", "the table"]),
+        ("some glasses on the hammock", ["some glasses", "the hammock"]),
     ]
     with tarfile.open(folder / "00000.tar", "w") as tar:
         for number, (image, (caption, phrases)) in enumerate(zip(images, captions)):
@@ -505,6 +505,41 @@ def test_pseudo_names_prompt_names_each_box_by_its_head_noun(tmp_path, shared_da
     assert [resumed.next_sample().caption for _ in range(7)] == [p.caption for p in planned[5:]]
     with pytest.raises(ValueError, match="--pseudo-prompt 'tags'"):
         PseudoWeighting(prompt="tags")
+
+
+def test_pseudo_boxes_of_names_the_gold_teaches_take_the_known_weight(tmp_path, shared_data, coco, tokenizer):
+    """coco_mini's gold names dogs, cats, benches, wine glasses...: a pseudo "two brown dogs" box
+    is known (weight 0: ignored), a "the hammock" box is not (in both prompt forms)."""
+    _named_pseudo_shard(tmp_path / "pseudo", shared_data, coco)
+    gold = SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES))
+    pseudo = SourceSpec(kind="pseudo", paths=(str(tmp_path / "pseudo"),), weight=50.0)
+    from nlp.vocabulary import phrase_name
+
+    gold_names = {phrase_name(c["name"]) for c in coco["categories"]}  # "wine glass" -> "glass"
+    assert {"dog", "cat", "bench", "glass"} <= gold_names and "hammock" not in gold_names
+    seen = set()
+    for prompt in ("names", "caption"):
+        stream = MixedSampleStream(specs=[gold, pseudo], tokenizer=tokenizer, seed=1,
+                                   pseudo_weighting=PseudoWeighting(prompt=prompt, known_weight=0.0))
+        assert stream.gold_names == frozenset(gold_names)
+        checked = 0
+        for _ in range(30):
+            p = stream.next_sample()
+            if p.source != "pseudo":
+                continue
+            regions = {tuple(r["bbox"]): r for r in _regions_of(tmp_path / "pseudo", p.record.key)}
+            for box, weight in zip(p.boxes.tolist(), p.weights.tolist()):
+                name = phrase_name(regions[tuple(box)]["phrase"])
+                assert weight == (0.0 if name in gold_names else 1.0), (name, weight)
+                seen.add((name, weight))
+                checked += 1
+        assert checked > 10
+    assert ("hammock", 1.0) in seen and ("dog", 0.0) in seen
+    # off by default: no gold vocabulary is read and pseudo samples carry no weights
+    plain = MixedSampleStream(specs=[gold, pseudo], tokenizer=tokenizer, seed=1, pseudo_weighting=PseudoWeighting(prompt="names"))
+    assert plain.gold_names == frozenset() and all(plain.next_sample().weights is None for _ in range(10))
+    with pytest.raises(ValueError, match="--pseudo-known-weight"):
+        PseudoWeighting(known_weight=1.5)
 
 
 def _regions_of(folder: Path, key: str) -> list[dict]:

@@ -27,6 +27,7 @@ class StudentRecipe:
     phrase_score: str = "mean"  # the teacher's phrase scores in pseudo-label (--phrase-score)
     assign: str = "none"  # the filter's box-to-phrase matching (--assign none|caption)
     pseudo_prompt: str = "caption"  # --pseudo-prompt: pseudo samples prompted by their caption or by class names
+    known_weight: float = 1.0  # --pseudo-known-weight: pseudo boxes of names the gold already teaches
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def train_arm(
         augment = augment_options(recipe.augment)
         pseudo = PseudoWeighting(
             score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight,
-            prompt=recipe.pseudo_prompt,
+            prompt=recipe.pseudo_prompt, known_weight=recipe.known_weight,
         )
 
     config = TrainConfig(

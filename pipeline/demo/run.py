@@ -220,6 +220,9 @@ def demo_command(
     phrase_score: Optional[str] = typer.Option(None, "--phrase-score", help="The teacher's phrase scores: mean or max."),
     assign: Optional[str] = typer.Option(None, "--assign", help="The filter's phrase matching: none or caption."),
     pseudo_prompt: Optional[str] = typer.Option(None, "--pseudo-prompt", help="The student's prompt of a pseudo sample: caption or names."),
+    pseudo_known_weight: Optional[float] = typer.Option(
+        None, "--pseudo-known-weight", help="Weight of pseudo boxes whose name the gold already teaches (0: ignored)."
+    ),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Rounds of the loop: round k's teacher is round k-1's student."),
     resume: bool = typer.Option(False, "--resume", help="Go on with the interrupted (or finished) demo in --out: skip its finished rounds and stages."),
 ) -> None:
@@ -253,7 +256,7 @@ def demo_command(
     overrides = {
         "pseudo_weight": pseudo_weight, "score_weight": pseudo_score_weight, "ignore_below": pseudo_ignore_below,
         "background_weight": pseudo_background_weight, "augment": augment, "phrase_score": phrase_score,
-        "assign": assign, "pseudo_prompt": pseudo_prompt,
+        "assign": assign, "pseudo_prompt": pseudo_prompt, "known_weight": pseudo_known_weight,
     }
     base = SCHEDULES.get(size, SCHEDULES["default"]).recipe
     recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -168,6 +168,7 @@ _RESUME_KEYS = (
     "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
     "model.freeze_backbone",
     "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight", "data.pseudo.prompt",
+    "data.pseudo.known_weight",
     "data.augment.crop_probability", "data.augment.cutout_probability", "data.augment.scale_jitter",
 )
 

@@ -162,6 +162,11 @@ def train_student(
         help="caption: pseudo samples keep their caption as the prompt; names: each box's phrase becomes its head noun and the "
         "prompt lists class names with negatives from other pseudo samples (OWL-ST, GLIP's od_to_grounding).",
     ),
+    pseudo_known_weight: float = typer.Option(
+        _PSEUDO.known_weight, "--pseudo-known-weight",
+        help="Weight of a pseudo box whose name (its phrase's head noun) the gold sources already name; 0 ignores it: "
+        "gold teaches those words with clean boxes.",
+    ),
     augment: str = typer.Option(
         "weak", "--augment", help="weak (resize + flip, official) or strong (+ scale jitter, box-keeping crop, cutout; Noisy Student)."
     ),
@@ -197,7 +202,7 @@ def train_student(
             ),
             pseudo=PseudoWeighting(
                 score_weight=pseudo_score_weight, ignore_below=pseudo_ignore_below, background_weight=pseudo_background_weight,
-                prompt=pseudo_prompt,
+                prompt=pseudo_prompt, known_weight=pseudo_known_weight,
             ),
             max_negative_phrases=negatives,
             loader_threads=loader_threads,

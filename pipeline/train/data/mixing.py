@@ -27,6 +27,21 @@ from pipeline.train.data.sources import CocoDetectionSource, GroundingJsonSource
 from pipeline.train.data.specs import PseudoWeighting, SourceSpec, TrainDataError
 
 
+def _gold_names(sources) -> frozenset[str]:
+    """The class names the gold (non-pseudo) sources teach: detection category names and the
+    head nouns of grounding phrases, as `phrase_name` gives them."""
+    names = set()
+    for source in sources:
+        if isinstance(source, PseudoShardStream):
+            continue
+        for index in range(len(source)):
+            record = source.record(index)
+            texts = (record.vocabulary or record.box_names or []) if record.is_detection else record.phrases()
+            names.update(phrase_name(text) for text in texts)
+    names.discard("")
+    return frozenset(names)
+
+
 def build_source(spec: SourceSpec, *, seed: int, rank: int, world_size: int) -> InMemorySource | PseudoShardStream:
     if spec.kind == "pseudo":
         return PseudoShardStream(shards=list_pseudo_shards(spec.paths), seed=seed, rank=rank, world_size=world_size)
@@ -96,6 +111,8 @@ class MixedSampleStream:
         self.source_counts = [0] * len(self.sources)
         self.phrase_pool: deque[str] = deque(maxlen=phrase_pool_size)
         self.name_pool: deque[str] = deque(maxlen=phrase_pool_size)  # pseudo class names (prompt "names")
+        # the class names the gold sources teach (PseudoWeighting.known_weight)
+        self.gold_names = _gold_names(self.sources) if pseudo_weighting.known_weight != 1.0 else frozenset()
         self._token_cache: dict[str, int] = {}
 
     def count_tokens(self, text: str) -> int:
@@ -148,9 +165,9 @@ class MixedSampleStream:
         record = source.next_record() if is_pseudo else self._indexed(source_index)
         self.source_counts[source_index] += 1
 
-        boxes, scores = record.boxes, record.scores
+        boxes, scores, names = record.boxes, record.scores, None
         if is_pseudo and self.pseudo_weighting.prompt == "names":
-            caption, spans, boxes, scores = self._as_names(record, rng)
+            caption, spans, boxes, scores, names = self._as_names(record, rng)
         elif record.is_detection:
             caption, spans, keep = detection_caption(
                 record.box_names, record.vocabulary or record.box_names, rng,
@@ -162,7 +179,12 @@ class MixedSampleStream:
             caption = self._with_negatives(record, rng)
         weights, background = None, None
         if is_pseudo and self.pseudo_weighting.active and scores is not None:
-            weights = self.pseudo_weighting.box_weights(scores)
+            known = None
+            if self.gold_names:
+                if names is None:
+                    names = [phrase_name(" ".join(record.caption[s:e] for s, e in entity)) for entity in spans]
+                known = np.asarray([name in self.gold_names for name in names], dtype=bool)
+            weights = self.pseudo_weighting.box_weights(scores, known)
             background = self.pseudo_weighting.background_weight
         return PlannedSample(
             record=record, caption=caption, spans=spans, boxes=boxes, augment_seed=int(rng.integers(2**62)),
@@ -170,7 +192,7 @@ class MixedSampleStream:
         )
 
     def _as_names(self, record: Record, rng: np.random.Generator):
-        """A pseudo record as a detection prompt: (caption, spans, boxes, scores). Each box is
+        """A pseudo record as a detection prompt: (caption, spans, boxes, scores, names). Each box is
         named by its phrase's head noun; boxes whose phrase has none are dropped; negatives are
         drawn from the names of recent pseudo samples (`detection_caption`, as for gold
         detection data)."""
@@ -185,7 +207,8 @@ class MixedSampleStream:
         self.name_pool.extend(dict.fromkeys(names))
         chosen = np.flatnonzero(named)[np.asarray(keep, dtype=bool)] if names else np.zeros(0, dtype=np.int64)
         scores = record.scores[chosen] if record.scores is not None else None
-        return caption, spans, record.boxes[chosen].reshape(-1, 4), scores
+        kept_names = [name for name, kept in zip(names, keep) if kept]
+        return caption, spans, record.boxes[chosen].reshape(-1, 4), scores, kept_names
 
     def state_dict(self) -> dict:
         return {

@@ -85,15 +85,24 @@ class PseudoWeighting:
     Teacher); ignore_below: boxes scoring under it are ignored, their anchors neither positive
     nor negative (Unbiased Teacher's band: shards filtered at a low floor keep them);
     background_weight: the negative loss of a pseudo image's unassigned anchors (the objects the
-    teacher missed are background there), 1 as for gold.
+    teacher missed are background there), 1 as for gold;
+    known_weight: the weight of a pseudo box whose name (its phrase's head noun,
+    `nlp.vocabulary.phrase_name`) the gold sources already name (a COCO category, the head of a
+    grounding phrase): gold teaches those words with clean boxes, and the teacher's own mistakes
+    on them are what a student copies (Detic's and OWL-ST's practice of learning novel classes
+    from weak labels and base classes from boxes); 0 ignores such boxes (neither positive nor
+    negative), 1 (default) weighs them as the other pseudo boxes.
     """
 
     score_weight: bool = False
     ignore_below: float = 0.0
     background_weight: float = 1.0
     prompt: str = "caption"
+    known_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.known_weight <= 1.0:
+            raise ValueError(f"--pseudo-known-weight must be in [0, 1], got {self.known_weight}")
         if self.prompt not in PSEUDO_PROMPTS:
             raise ValueError(f"--pseudo-prompt {self.prompt!r}: choose one of {', '.join(PSEUDO_PROMPTS)}")
         if not 0.0 <= self.ignore_below <= 1.0:
@@ -103,8 +112,12 @@ class PseudoWeighting:
 
     @property
     def active(self) -> bool:
-        return self.score_weight or self.ignore_below > 0 or self.background_weight != 1.0
+        return self.score_weight or self.ignore_below > 0 or self.background_weight != 1.0 or self.known_weight != 1.0
 
-    def box_weights(self, scores: np.ndarray) -> np.ndarray:
+    def box_weights(self, scores: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+        """Loss weight per pseudo box from its teacher score and, with `known` ([N] bool: the
+        gold names the box's class), `known_weight`."""
         weights = scores.astype(np.float32) if self.score_weight else np.ones(len(scores), dtype=np.float32)
+        if known is not None:
+            weights = np.where(known, weights * np.float32(self.known_weight), weights)
         return np.where(scores < self.ignore_below, np.float32(0), weights)
