@@ -54,11 +54,13 @@ class DemoSchedule:
 
 # The student recipe measured best on the default world (README's ablation table): pseudo samples
 # prompted by class names (`--pseudo-prompt names`: each box's phrase becomes its head noun, the
-# way gold detection data and the class-name evaluation prompt the model), three fifths of the
-# student's samples pseudo-labelled (`--pseudo-weight 3` against the two gold sources' 1 each),
-# and Noisy Student's strong augmentation (for the control too). The teacher's score does not
-# tell a right name from a wrong one on the tail kinds, so it does not weight the loss.
-RECIPE = StudentRecipe(pseudo_weight=3.0, augment="strong", pseudo_prompt="names")
+# way gold detection data and the class-name evaluation prompt the model), half of the student's
+# samples pseudo-labelled (`--pseudo-weight 2` against the two gold sources' 1 each), the
+# background of pseudo images ignored (`--pseudo-background-weight 0`: the objects the teacher
+# missed are not taught as background), and Noisy Student's strong augmentation (for the control
+# too). The teacher's score does not tell a right name from a wrong one on the tail kinds, so it
+# does not weight the loss.
+RECIPE = StudentRecipe(pseudo_weight=2.0, background_weight=0.0, augment="strong", pseudo_prompt="names")
 # At default and large size the student learns from the calibrated policy's labels (calibrate on
 # 10% of the web gold), matched to the caption's phrases jointly (`--assign caption`): a tail
 # object, whose name the teacher never saw, takes the phrase the base objects leave. The small

@@ -201,6 +201,8 @@ class MixedSampleStream:
         named = np.asarray([bool(n) for n in names], dtype=bool)
         names = [n for n in names if n]
         vocabulary = list(dict.fromkeys([*names, *self.name_pool]))
+        if not vocabulary:  # no name yet at all: the caption alone, every anchor background
+            return record.caption, [], np.zeros((0, 4), dtype=np.float32), record.scores[:0] if record.scores is not None else None, []
         caption, spans, keep = detection_caption(
             names, vocabulary, rng, count_tokens=self.count_tokens, max_query_len=self.max_query_len
         )
