@@ -222,3 +222,6 @@ def test_resume_refuses_a_folder_without_a_demo_and_other_settings(tmp_path):
     assert "seed differ from the interrupted run's" in line and "demo_state.json" in line
     result = runner.invoke(app, ["demo", "--size", "small", "--out", str(tmp_path / "new"), "--rounds", "0"])
     assert result.exit_code == 2 and "--rounds" in result.stderr
+    # bad student options are refused before any stage runs
+    result = runner.invoke(app, ["demo", "--size", "small", "--out", str(tmp_path / "bad"), "--pseudo-prompt", "tags"])
+    assert result.exit_code == 2 and "--pseudo-prompt 'tags'" in result.stderr and not (tmp_path / "bad").exists()

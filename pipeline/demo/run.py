@@ -243,6 +243,12 @@ def demo_command(
         raise fail(f"--preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}")
     if resume and overwrite:
         raise fail("--resume and --overwrite exclude each other")
+    from pipeline.train.data.specs import PseudoWeighting
+
+    try:  # the pseudo-sample options are checked before any stage runs
+        PseudoWeighting(prompt=pseudo_prompt or "caption", known_weight=1.0 if pseudo_known_weight is None else pseudo_known_weight)
+    except ValueError as error:
+        raise fail(str(error)) from None
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise fail(f"--out {out} is not empty: give a new folder, --resume to go on with it, or --overwrite to replace "
