@@ -182,7 +182,7 @@ class MixedSampleStream:
             known = None
             if self.gold_names:
                 if names is None:
-                    names = [phrase_name(" ".join(record.caption[s:e] for s, e in entity)) for entity in spans]
+                    names = [phrase_name(text) for text in record.box_phrases()]
                 known = np.asarray([name in self.gold_names for name in names], dtype=bool)
             weights = self.pseudo_weighting.box_weights(scores, known)
             background = self.pseudo_weighting.background_weight
@@ -196,8 +196,7 @@ class MixedSampleStream:
         named by its phrase's head noun; boxes whose phrase has none are dropped; negatives are
         drawn from the names of recent pseudo samples (`detection_caption`, as for gold
         detection data)."""
-        texts = (" ".join(record.caption[s:e] for s, e in entity) for entity in record.spans or [])
-        names = [phrase_name(text) for text in texts]
+        names = [phrase_name(text) for text in record.box_phrases()]
         named = np.asarray([bool(n) for n in names], dtype=bool)
         names = [n for n in names if n]
         vocabulary = list(dict.fromkeys([*names, *self.name_pool]))

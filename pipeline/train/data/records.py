@@ -45,12 +45,13 @@ class Record:
     def is_detection(self) -> bool:
         return self.box_names is not None
 
+    def box_phrases(self) -> list[str]:
+        """The phrase text of each box (its spans joined), in box order; [] without spans."""
+        return [" ".join(self.caption[s:e] for s, e in entity).strip() for entity in self.spans or []]
+
     def phrases(self) -> list[str]:
         """Distinct phrase texts of the boxes (for the negative-phrase pool)."""
-        if self.spans is None:
-            return []
-        texts = (" ".join(self.caption[s:e] for s, e in entity).strip() for entity in self.spans)
-        return list(dict.fromkeys(t for t in texts if t))
+        return list(dict.fromkeys(t for t in self.box_phrases() if t))
 
 
 def parse_boxes(values: list, where: str) -> np.ndarray:
