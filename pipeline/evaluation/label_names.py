@@ -19,29 +19,16 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-import numpy as np
-
 from pipeline.evaluation.evaluate import gold_image_id, gold_key_index
 from pipeline.evaluation.policy_rating import names_category
-
-
-def _iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """[N, M] IoU of xyxy boxes (plain areas, as pycocotools)."""
-    if not len(boxes) or not len(others):
-        return np.zeros((len(boxes), len(others)))
-    x0 = np.maximum(boxes[:, None, 0], others[None, :, 0])
-    y0 = np.maximum(boxes[:, None, 1], others[None, :, 1])
-    x1 = np.minimum(boxes[:, None, 2], others[None, :, 2])
-    y1 = np.minimum(boxes[:, None, 3], others[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    union = area(boxes)[:, None] + area(others)[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def names_by_category(gold, pseudo_locations: Sequence[str], *, iou: float = 0.5) -> dict[str, dict]:
     """{category name: {labels, right, precision, gold, named, recall}} (see the module doc);
     `gold`: a pycocotools COCO of the labelled images."""
+    import torch
+    from torchvision.ops import box_iou  # plain areas, as pycocotools
+
     from pipeline.train.data.pseudo_stream import list_pseudo_shards, read_pseudo_shard
 
     names = {int(c["id"]): c["name"] for c in gold.dataset["categories"]}
@@ -61,10 +48,10 @@ def names_by_category(gold, pseudo_locations: Sequence[str], *, iou: float = 0.5
             labelled.add(image_id)
             regions = sample.get("grounding", {}).get("regions", [])
             for name in counts:
-                own = np.asarray(gold_boxes[image_id][name], dtype=np.float64).reshape(-1, 4)
+                own = torch.tensor(gold_boxes[image_id][name], dtype=torch.float64).reshape(-1, 4)
                 naming = [r for r in regions if names_category(str(r.get("phrase", "")), name)]
-                boxes = np.asarray([r["bbox"] for r in naming], dtype=np.float64).reshape(-1, 4)
-                overlap = _iou(boxes, own) >= iou
+                boxes = torch.tensor([r["bbox"] for r in naming], dtype=torch.float64).reshape(-1, 4)
+                overlap = (box_iou(boxes, own) >= iou).numpy()
                 counts[name]["labels"] += len(boxes)
                 counts[name]["right"] += int(overlap.any(axis=1).sum())
                 counts[name]["named"] += int(overlap.any(axis=0).sum())
