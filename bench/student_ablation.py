@@ -36,7 +36,7 @@ def main() -> None:
 
     from pipeline.cluster import init_ray, shutdown_ray
     from pipeline.demo.arms import DemoSchedule, StudentRecipe, evaluate_arm, train_arm
-    from pipeline.demo.rounds import CALIBRATED
+    from pipeline.demo.rounds import gold_sources, student_labels
     from pipeline.demo.world import world_paths
     from pipeline.train.data import SourceSpec
     from pipeline.train.data.specs import PseudoWeighting
@@ -57,15 +57,10 @@ def main() -> None:
     schedule = DemoSchedule(**schedule_dict)
 
     paths = world_paths(args.run / "world")
-    labels = (args.run / "calibration" / "filtered" / "pseudo" if report["preset"] == CALIBRATED
-              else args.run / "filtered" / report["preset"] / "pseudo")
-    if not labels.is_dir():
-        raise SystemExit(f"error: {labels}: the run's student had no pseudo-labels to re-train on")
-    sources = [
-        SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
-        SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
-        SourceSpec(kind="pseudo", paths=(str(labels),), weight=recipe.pseudo_weight),
-    ]
+    labels = student_labels(args.run, report["preset"], report["pseudo_labels"], report["calibration"])
+    if labels is None:
+        raise SystemExit(f"error: {args.run}: the run's student had no pseudo-labels to re-train on")
+    sources = [*gold_sources(paths), SourceSpec(kind="pseudo", paths=(labels,), weight=recipe.pseudo_weight)]
     started_ray = init_ray(None)
     started = time.perf_counter()
     try:

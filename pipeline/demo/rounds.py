@@ -30,7 +30,6 @@ def run_stages(
     from pipeline.demo.world import world_paths
     from pipeline.stages.inspect_labels import write_gallery
     from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
-    from pipeline.train.data import SourceSpec
 
     state.run("world", progress, lambda: str(write_world(out / "world", size=size, seed=seed).root))
     paths = world_paths(out / "world")
@@ -40,10 +39,7 @@ def run_stages(
         "decontaminate the web shards against the test images", progress, lambda: decontaminate_web(paths, out / "web_clean")
     )
     shards = str(out / "web_clean")
-    gold = [
-        SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
-        SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
-    ]
+    gold = gold_sources(paths)
     teacher = state.run("train teacher on gold", progress, lambda: train_arm(out / "teacher", gold, schedule, schedule.teacher_steps, seed))
     parse_stats = state.run(
         "parse-captions", progress, lambda: run_parse_captions(ParseCaptionsConfig(inputs=(shards,), out=str(out / "phrases")))
@@ -104,7 +100,7 @@ def _run_round(
         filtered={name: str(folder / "filtered" / name) for name in PRESET_NAMES}, seed=seed, assign=recipe.assign,
     ))
     student_sources = list(gold)
-    labels = _student_labels(folder, preset, presets, calibration)
+    labels = student_labels(folder, preset, presets, calibration)
     label_names = _label_names(paths, labels)
     if labels is not None:
         student_sources.append(SourceSpec(kind="pseudo", paths=(labels,), weight=recipe.pseudo_weight))
@@ -144,7 +140,17 @@ def _label_names(paths: WorldPaths, labels: str | None) -> dict:
     return names_by_category(load_gold(paths.web_gold), [labels]) if labels else {}
 
 
-def _student_labels(folder: Path, preset: str, presets: dict, calibration: dict) -> str | None:
+def gold_sources(paths: WorldPaths) -> list:
+    """The gold split as every arm reads it: COCO detection + grounding JSON of the same images."""
+    from pipeline.train.data import SourceSpec
+
+    return [
+        SourceSpec(kind="coco", paths=(str(paths.gold_coco),), images=str(paths.gold_images)),
+        SourceSpec(kind="grounding", paths=(str(paths.gold_grounding),), images=str(paths.gold_images)),
+    ]
+
+
+def student_labels(folder: Path, preset: str, presets: dict, calibration: dict) -> str | None:
     """The pseudo shards the student reads: a preset's filter output, or the calibrated policy's
     (`--preset calibrated`; None when calibrate refused the sample), None when they are empty."""
     if preset == CALIBRATED:
