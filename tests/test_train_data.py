@@ -547,6 +547,63 @@ def _regions_of(folder: Path, key: str) -> list[dict]:
         return json.load(tar.extractfile(f"{key}.json"))["grounding"]["regions"]
 
 
+def test_paired_batches_keep_the_gold_only_stream_and_add_pseudo_samples(tmp_path, shared_data, coco, tokenizer):
+    """`--pseudo-per-step`: each step is the gold batch a gold-only run (the control) draws, the
+    same samples, prompts and augmentation seeds, plus pseudo samples from a stream of their own;
+    the pair resumes exactly and is refused without gold or without pseudo sources."""
+    from pipeline.train.config import DataConfig
+    from pipeline.train.data.mixing import PairedSampleStream, make_stream
+    from pipeline.train.loop import source_samples
+
+    gold_path, _ = _grounding_files(tmp_path, coco, [84533, 37666, 159269])
+    _named_pseudo_shard(tmp_path / "pseudo", shared_data, coco)
+    gold = [SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES)),
+            SourceSpec(kind="grounding", paths=(str(gold_path),), images=str(shared_data / IMAGES))]
+    pseudo = SourceSpec(kind="pseudo", paths=(str(tmp_path / "pseudo"),), weight=5.0)
+    weighting = PseudoWeighting(prompt="names", known_weight=0.0, background_weight=0.0)
+    options = dict(tokenizer=tokenizer, seed=4, pseudo_weighting=weighting)
+    paired = make_stream(specs=[*gold, pseudo], pseudo_per_step=2, **options)
+    control = make_stream(specs=gold, pseudo_per_step=0, **options)
+    assert isinstance(paired, PairedSampleStream) and isinstance(control, MixedSampleStream)
+
+    def signature(p):
+        return (p.record.key, p.caption, p.spans, p.boxes.tolist(), p.augment_seed, None if p.weights is None else p.weights.tolist())
+
+    batches = [paired.plan_batch(3) for _ in range(6)]
+    for batch in batches:
+        assert [p.source for p in batch[3:]] == ["pseudo", "pseudo"]
+        assert all(p.source != "pseudo" and p.weights is None for p in batch[:3])
+        # the gold part is, sample for sample, what the control plans at the same step
+        assert [signature(p) for p in batch[:3]] == [signature(p) for p in control.plan_batch(3)]
+    drawn = paired.samples_by_kind()
+    assert drawn["pseudo"] == 12 and drawn["coco"] + drawn["grounding"] == 18
+    assert len({p.record.key for b in batches for p in b[:3]}) > 3  # both gold sources, several images
+    # the pseudo stream keeps its weighting: coco's "dog" is a known name (weight 0), "hammock" is not
+    weights = {(p.caption[s:e], w) for b in batches for p in b[3:] for [(s, e)], w in zip(p.spans, p.weights.tolist())}
+    assert ("hammock", 1.0) in weights and ("dog", 0.0) in weights
+    assert all(p.background_weight == 0.0 for b in batches for p in b[3:])
+    # the pseudo stream draws apart from the gold one: its augmentation seeds are not the gold's
+    assert not {p.augment_seed for b in batches for p in b[3:]} & {p.augment_seed for b in batches for p in b[:3]}
+
+    # the worker's state (as a checkpoint stores it) resumes exactly, and counts by kind
+    state = json.loads(json.dumps(paired.state_dict()))
+    config = DataConfig(sources=(*gold, pseudo), pseudo_per_step=2)
+    assert source_samples(type("C", (), {"data": config})(), state) == {f"samples_{k}": v for k, v in drawn.items()}
+    resumed = make_stream(specs=[*gold, pseudo], pseudo_per_step=2, **options)
+    resumed.load_state_dict(state)
+    assert [signature(p) for p in resumed.plan_batch(3)] == [signature(p) for p in paired.plan_batch(3)]
+    with pytest.raises(TrainDataError, match="drew 2 paired pseudo samples per step, this run 1"):
+        make_stream(specs=[*gold, pseudo], pseudo_per_step=1, **options).load_state_dict(state)
+
+    for specs in (gold, [pseudo]):
+        with pytest.raises(TrainDataError, match="--pseudo-per-step adds pseudo samples"):
+            make_stream(specs=specs, pseudo_per_step=2, **options)
+        with pytest.raises(ValueError, match="--pseudo-per-step adds pseudo samples"):
+            DataConfig(sources=tuple(specs), pseudo_per_step=2)
+    with pytest.raises(ValueError, match="--pseudo-per-step must be >= 0"):
+        DataConfig(sources=(*gold, pseudo), pseudo_per_step=-1)
+
+
 def test_workers_split_indexable_sources(shared_data, tokenizer):
     spec = [SourceSpec(kind="coco", paths=(str(shared_data / COCO),), images=str(shared_data / IMAGES))]
     streams = [MixedSampleStream(specs=spec, tokenizer=tokenizer, seed=1, rank=r, world_size=2) for r in (0, 1)]

@@ -173,6 +173,8 @@ def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_pat
     assert band.exit_code == 2 and "pseudo_ignore_below" in band.output
     prompt = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "d"), "--pseudo-prompt", "tags"])
     assert prompt.exit_code == 2 and "--pseudo-prompt 'tags': choose one of caption, names" in prompt.output
+    paired = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "e"), "--pseudo-per-step", "2"])
+    assert paired.exit_code == 2 and "--pseudo-per-step adds pseudo samples to each step's gold batch" in paired.output
     wrong_body = CliRunner().invoke(app, [*base[:2], "tiny", *base[3:], "--out", str(tmp_path / "c"), "--init-backbone", "imagenet"])
     assert wrong_body.exit_code == 2 and "only the mobilenet_v2 backbone" in wrong_body.output
 
@@ -198,6 +200,21 @@ def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_clust
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
     assert stats["samples_by_source_worker0"] == {"pseudo": 2}  # pseudo shards only: every sample drawn is pseudo
+    # the same shards paired with gold (`--pseudo-per-step 1`): each step is 1 gold + 1 pseudo sample per worker
+    paired = tmp_path / "paired"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-student", "--config", "tiny-cpu", "--out", str(paired), "--pseudo", str(tmp_path / "pseudo"),
+            "--coco", str(shared_data / COCO), "--images", str(shared_data / IMAGES), "--pseudo-per-step", "1",
+            "--steps", "2", "--batch-size", "1", "--min-size", "128", "--max-size", "192", "--freeze-text",
+            "--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "2", "--log-every", "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    stats = json.loads((paired / "_stats.json").read_text())
+    assert stats["samples"] == 8 and stats["samples_by_source_worker0"] == {"coco": 2, "pseudo": 2}
+    assert stats["config"]["data"]["pseudo_per_step"] == 1
 
 
 def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json, shared_data):

@@ -77,15 +77,29 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """What each worker reads; `batch_size` is per worker."""
+    """What each worker reads; `batch_size` is per worker. `pseudo_per_step` > 0 pairs batches:
+    each step takes `batch_size` gold samples (as a gold-only run draws them) plus that many
+    pseudo samples per worker (`PairedSampleStream`); 0 mixes every source by its weight."""
 
     sources: tuple[SourceSpec, ...] = ()
     batch_size: int = 2
+    pseudo_per_step: int = 0
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     pseudo: PseudoWeighting = field(default_factory=PseudoWeighting)
     max_negative_phrases: int = 8
     loader_threads: int = 2
     pad_to_max: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pseudo_per_step < 0:
+            raise ValueError(f"--pseudo-per-step must be >= 0, got {self.pseudo_per_step}")
+        if self.pseudo_per_step and not (
+            any(s.kind == "pseudo" for s in self.sources) and any(s.kind != "pseudo" for s in self.sources)
+        ):
+            raise ValueError(
+                "--pseudo-per-step adds pseudo samples to each step's gold batch: give gold sources "
+                "(--coco, --grounding, --odvg) and --pseudo shards"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

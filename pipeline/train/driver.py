@@ -164,7 +164,7 @@ def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
 
 # Settings that must not change when a run is resumed (the rest, e.g. logging, may).
 _RESUME_KEYS = (
-    "model.variant", "steps", "data.batch_size", "resources.workers", "seed", "data.sources",
+    "model.variant", "steps", "data.batch_size", "data.pseudo_per_step", "resources.workers", "seed", "data.sources",
     "data.augment.min_sizes", "data.augment.max_size", "optimizer.schedule", "model.init", "model.init_backbone",
     "model.freeze_backbone",
     "data.pseudo.score_weight", "data.pseudo.ignore_below", "data.pseudo.background_weight", "data.pseudo.prompt",
@@ -202,7 +202,7 @@ def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: f
         "variant": config.model.variant,
         "inputs": [s.name for s in config.data.sources],
         "steps": steps,
-        "samples": steps * config.data.batch_size * config.resources.workers,
+        "samples": steps * (config.data.batch_size + config.data.pseudo_per_step) * config.resources.workers,
         "final_loss": metrics.get("loss"),
         "skipped_samples": metrics.get("skipped_samples", 0),
         "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},

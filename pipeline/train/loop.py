@@ -28,7 +28,7 @@ from model.loss import GLIPLoss, total_loss
 from pipeline.train.checkpoints import restore_training_checkpoint, save_training_checkpoint
 from pipeline.train.config import OptimizerConfig, StudentModel, TrainConfig
 from pipeline.train.data.loader import LoadedBatch, TrainLoader
-from pipeline.train.data.mixing import MixedSampleStream
+from pipeline.train.data.mixing import make_stream
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -142,8 +142,16 @@ class MetricsLog:
 def source_samples(config: TrainConfig, state: dict) -> dict[str, int]:
     """`samples_<kind>`: how many samples of each source kind this worker has drawn so far
     (the measured mixing ratio; every worker draws with the same weights)."""
+    if "gold" in state:  # a PairedSampleStream's: the gold stream's sources, then the pseudo stream's
+        sources = config.data.sources
+        pairs = [
+            *zip([s for s in sources if s.kind != "pseudo"], state["gold"]["source_counts"]),
+            *zip([s for s in sources if s.kind == "pseudo"], state["pseudo"]["source_counts"]),
+        ]
+    else:
+        pairs = list(zip(config.data.sources, state["source_counts"]))
     counts: dict[str, int] = {}
-    for spec, count in zip(config.data.sources, state["source_counts"]):
+    for spec, count in pairs:
         counts[f"samples_{spec.kind}"] = counts.get(f"samples_{spec.kind}", 0) + int(count)
     return counts
 
@@ -174,8 +182,8 @@ class StudentTrainer:
         self.optimizer = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config.optimizer, steps=config.steps)
         data = config.data
-        self.stream = MixedSampleStream(
-            specs=data.sources, tokenizer=load_tokenizer(), seed=config.seed, rank=rank, world_size=world_size,
+        self.stream = make_stream(
+            specs=data.sources, pseudo_per_step=data.pseudo_per_step, tokenizer=load_tokenizer(), seed=config.seed, rank=rank, world_size=world_size,
             max_query_len=self.model.config.max_query_len, max_negative_phrases=data.max_negative_phrases,
             pseudo_weighting=data.pseudo,
         )

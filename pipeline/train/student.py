@@ -109,7 +109,12 @@ def train_student(
     mix: list[str] = typer.Option([], "--mix", help="Mixing weight KIND=WEIGHT, e.g. --mix pseudo=3 --mix coco=1."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over all data (instead of --steps)."),
-    batch_size: int = typer.Option(_DATA.batch_size, "--batch-size", help="Images per worker per step."),
+    batch_size: int = typer.Option(_DATA.batch_size, "--batch-size", help="Images per worker per step (the gold images with --pseudo-per-step)."),
+    pseudo_per_step: int = typer.Option(
+        _DATA.pseudo_per_step, "--pseudo-per-step",
+        help="Pseudo images added to each step's --batch-size gold images, per worker (Unbiased/Soft Teacher batches: the gold "
+        "part is what a gold-only run with the same seed draws). 0: every source mixed into the batch by its --mix weight.",
+    ),
     min_size: list[int] = typer.Option(
         [], "--min-size",
         help=f"Training short side, repeatable: one drawn per image (default {'/'.join(map(str, _AUG.min_sizes))}).",
@@ -182,7 +187,9 @@ def train_student(
     )
     if not sources:
         raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
-    total_steps = steps if steps is not None else steps_for_epochs(epochs, sources, batch_size=batch_size, workers=workers)
+    total_steps = steps if steps is not None else steps_for_epochs(
+        epochs, sources, batch_size=batch_size + pseudo_per_step, workers=workers
+    )
     if cpus_per_worker is None:
         cpus_per_worker = 4 if use_gpu else max(1, (os.cpu_count() or 1) // workers)
     train_config = TrainConfig(
@@ -197,6 +204,7 @@ def train_student(
         data=DataConfig(
             sources=sources,
             batch_size=batch_size,
+            pseudo_per_step=pseudo_per_step,
             augment=AugmentSettings(
                 min_sizes=tuple(min_size) if min_size else _AUG.min_sizes, max_size=max_size, **augment_options(augment)
             ),

@@ -1,4 +1,4 @@
-"""`TrainLoader`: batches of a `MixedSampleStream`, decoded and augmented ahead on threads.
+"""`TrainLoader`: batches of a sample stream (`MixedSampleStream`, `PairedSampleStream`), decoded and augmented ahead on threads.
 
 Decoding is `pipeline.io.images.decode_rgb`, the decoder of every stage (modes, EXIF, corrupt,
 tiny and bomb images named by reason), so the student sees each pseudo image as the teacher did.
@@ -22,7 +22,7 @@ from model.augment import augment
 from model.train_targets import GroundingExample, TrainingBatch, collate
 from pipeline.io import storage
 from pipeline.io.images import ImageDecodeError, decode_rgb
-from pipeline.train.data.mixing import MixedSampleStream, PlannedSample
+from pipeline.train.data.mixing import MixedSampleStream, PairedSampleStream, PlannedSample
 from pipeline.train.data.records import Record
 from pipeline.train.data.specs import AugmentSettings, TrainDataError
 
@@ -81,7 +81,7 @@ class TrainLoader:
     def __init__(
         self,
         *,
-        stream: MixedSampleStream,
+        stream: MixedSampleStream | PairedSampleStream,
         batch_size: int,
         settings: AugmentSettings = AugmentSettings(),
         num_threads: int = 2,
@@ -106,7 +106,7 @@ class TrainLoader:
         the next one, so every worker still makes one step per batch."""
         skipped: dict[str, str] = {}
         for _ in range(self.max_failed_batches):
-            planned = [self.stream.next_sample() for _ in range(self.batch_size)]
+            planned = self.stream.plan_batch(self.batch_size)
             state = self.stream.state_dict()
             futures = [pool.submit(prepare_sample, p, self.settings) for p in planned]
             samples = []

@@ -9,6 +9,12 @@ budget; detection records get a prompt of class names drawn per sample. With
 `PseudoWeighting.prompt == "names"` a pseudo record is prompted like a detection record: each
 box's phrase becomes its head noun (`nlp.vocabulary.phrase_name`), and negative names come from
 the recent pseudo samples' names (a pool kept in the state like the phrase pool).
+
+`PairedSampleStream` composes each step's batch the semi-supervised way (Unbiased Teacher,
+Soft Teacher): `batch_size` samples of the gold sources, drawn exactly as a run on the gold
+sources alone draws them, plus `per_step` samples of the pseudo sources from a stream of their
+own. A gold-only control arm with the same seed then sees the very same gold samples, with the
+same prompts and augmentation, step for step; the student sees the pseudo samples on top.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class MixedSampleStream:
         max_negative_phrases: int = 8,
         phrase_pool_size: int = 256,
         pseudo_weighting: PseudoWeighting = PseudoWeighting(),
+        salt: int | None = None,
+        gold_names: frozenset[str] | None = None,
     ) -> None:
         if not specs:
             raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
@@ -104,6 +112,7 @@ class MixedSampleStream:
         self.probabilities = weights / weights.sum()
         self.tokenizer = tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.salt = salt  # a second stream of the same run and seed draws apart from the first
         self.max_query_len = max_query_len
         self.max_negative_phrases = max_negative_phrases
         self.pseudo_weighting = pseudo_weighting
@@ -111,8 +120,11 @@ class MixedSampleStream:
         self.source_counts = [0] * len(self.sources)
         self.phrase_pool: deque[str] = deque(maxlen=phrase_pool_size)
         self.name_pool: deque[str] = deque(maxlen=phrase_pool_size)  # pseudo class names (prompt "names")
-        # the class names the gold sources teach (PseudoWeighting.known_weight)
-        self.gold_names = _gold_names(self.sources) if pseudo_weighting.known_weight != 1.0 else frozenset()
+        # the class names the gold sources teach (PseudoWeighting.known_weight); given when the
+        # gold sources are another stream's
+        if gold_names is None:
+            gold_names = _gold_names(self.sources) if pseudo_weighting.known_weight != 1.0 else frozenset()
+        self.gold_names = gold_names
         self._token_cache: dict[str, int] = {}
 
     def count_tokens(self, text: str) -> int:
@@ -156,8 +168,20 @@ class MixedSampleStream:
         self.phrase_pool.extend(record.phrases())
         return caption
 
+    def plan_batch(self, batch_size: int) -> list[PlannedSample]:
+        """The next `batch_size` planned samples (one worker's share of a step)."""
+        return [self.next_sample() for _ in range(batch_size)]
+
+    def samples_by_kind(self) -> dict[str, int]:
+        """How many samples of each source kind this worker has drawn so far."""
+        counts: dict[str, int] = {}
+        for spec, count in zip(self.specs, self.source_counts):
+            counts[spec.kind] = counts.get(spec.kind, 0) + count
+        return counts
+
     def next_sample(self) -> PlannedSample:
-        rng = np.random.default_rng([self.seed, self.rank, 11, self.position])
+        key = [self.seed, self.rank, 11, self.position]
+        rng = np.random.default_rng(key if self.salt is None else [*key, self.salt])
         self.position += 1
         source_index = int(rng.choice(len(self.sources), p=self.probabilities))
         source = self.sources[source_index]
@@ -235,3 +259,65 @@ class MixedSampleStream:
         self.name_pool.extend(state.get("name_pool", []))  # absent in checkpoints of older runs
         for index, source_state in state["pseudo"].items():
             self.sources[int(index)].load_state_dict(source_state)
+
+
+class PairedSampleStream:
+    """Each step's planned batch: `batch_size` samples of the gold sources, then `per_step`
+    samples of the pseudo sources (see the module doc).
+
+    The gold part is a `MixedSampleStream` over the gold specs with the run's seed, so it is
+    the sequence a gold-only run draws; the pseudo part is a second stream (salted seed, its
+    own negative pools) that knows the gold names for `PseudoWeighting.known_weight`.
+    `pseudo_weighting` touches pseudo samples only, as in a mixture.
+    """
+
+    PSEUDO_SALT = 97
+
+    def __init__(self, *, specs: Sequence[SourceSpec], per_step: int, tokenizer, **options) -> None:
+        gold = [s for s in specs if s.kind != "pseudo"]
+        pseudo = [s for s in specs if s.kind == "pseudo"]
+        if per_step < 1:
+            raise TrainDataError(f"--pseudo-per-step must be >= 1 to pair batches, got {per_step}")
+        if not gold or not pseudo:
+            raise TrainDataError(
+                "--pseudo-per-step adds pseudo samples to each step's gold batch: it needs gold sources "
+                f"(--coco, --grounding, --odvg) and --pseudo shards; this run gives {[s.name for s in specs] or 'none'}"
+            )
+        self.specs = list(specs)
+        self.per_step = per_step
+        self.tokenizer = tokenizer
+        weighting = options.get("pseudo_weighting", PseudoWeighting())
+        self.gold = MixedSampleStream(specs=gold, tokenizer=tokenizer, **options)
+        names = _gold_names(self.gold.sources) if weighting.known_weight != 1.0 else frozenset()
+        self.pseudo = MixedSampleStream(
+            specs=pseudo, tokenizer=tokenizer, salt=self.PSEUDO_SALT, gold_names=names, **options
+        )
+
+    def plan_batch(self, batch_size: int) -> list[PlannedSample]:
+        return self.gold.plan_batch(batch_size) + self.pseudo.plan_batch(self.per_step)
+
+    def samples_by_kind(self) -> dict[str, int]:
+        counts = self.gold.samples_by_kind()
+        for kind, count in self.pseudo.samples_by_kind().items():
+            counts[kind] = counts.get(kind, 0) + count
+        return counts
+
+    def state_dict(self) -> dict:
+        return {"per_step": self.per_step, "gold": self.gold.state_dict(), "pseudo": self.pseudo.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("per_step") != self.per_step:
+            raise TrainDataError(
+                f"cannot resume the data stream: the checkpoint drew {state.get('per_step', 'no')} paired pseudo "
+                f"samples per step, this run {self.per_step}"
+            )
+        self.gold.load_state_dict(state["gold"])
+        self.pseudo.load_state_dict(state["pseudo"])
+
+
+def make_stream(*, specs: Sequence[SourceSpec], pseudo_per_step: int = 0, **options) -> MixedSampleStream | PairedSampleStream:
+    """The run's sample stream: a mixture by weight, or paired gold + pseudo batches when
+    `pseudo_per_step` > 0."""
+    if pseudo_per_step > 0:
+        return PairedSampleStream(specs=specs, per_step=pseudo_per_step, **options)
+    return MixedSampleStream(specs=specs, **options)
