@@ -178,6 +178,15 @@ def test_report_numbers_are_sane_and_reproducible(demo):
     same = ("steps", "model.init", "seed", "data.augment.crop_probability", "data.augment.cutout_probability",
             "data.augment.scale_jitter", "data.augment.min_sizes", "optimizer.lr")
     assert all(setting(student_config, k) == setting(control_config, k) for k in same)
+    assert setting(control_config, "data.pseudo_per_step") == 0
+    if report["student_pseudo_images"]:
+        # Paired batches: the student drew the control's gold samples (the same ones, worker 0's
+        # counts by source), plus its pseudo samples on top at every step.
+        per_step = SCHEDULES["small"].recipe.pseudo_per_step
+        assert per_step > 0 and setting(student_config, "data.pseudo_per_step") == per_step
+        drawn = report["training"]["student"]["samples_by_source"]
+        assert {k: v for k, v in drawn.items() if k != "pseudo"} == report["training"]["control"]["samples_by_source"]
+        assert drawn["pseudo"] == per_step * student_config["steps"]
     # Pseudo-label quality per preset, against the web split's hidden gold.
     web_gold = load_gold(demo / "world/web/web_gold.json")
     for name, entry in report["pseudo_labels"].items():
@@ -203,6 +212,7 @@ def test_report_html_and_gallery(demo):
     sources = json.loads((demo / "student/train_config.json").read_text())["data"]["sources"]
     assert any(source["kind"] == "pseudo" for source in sources) == (report["student_pseudo_images"] > 0)
     assert ("kept no pseudo-label" in page) == (report["student_pseudo_images"] == 0)
+    assert ("the same ones, plus 2 pseudo-labelled images" in page) == (report["student_pseudo_images"] > 0)
 
 
 def test_resume_refuses_a_folder_without_a_demo_and_other_settings(tmp_path):

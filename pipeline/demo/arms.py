@@ -28,6 +28,10 @@ class StudentRecipe:
     assign: str = "none"  # the filter's box-to-phrase matching (--assign none|caption)
     pseudo_prompt: str = "caption"  # --pseudo-prompt: pseudo samples prompted by their caption or by class names
     known_weight: float = 1.0  # --pseudo-known-weight: pseudo boxes of names the gold already teaches
+    # --pseudo-per-step: pseudo samples added to each step's gold batch (per worker); the control's
+    # steps are the same gold batches without them. 0: the student mixes pseudo samples into the
+    # batch by `pseudo_weight` (fewer gold samples than the control)
+    pseudo_per_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,17 @@ class DemoSchedule:
     preset: str = "glip"  # the student's pseudo-labels when --preset is not given (glip, grit, owlst, calibrated)
 
 
-# The student recipe measured best on the default world (README's ablation table): pseudo samples
-# prompted by class names (`--pseudo-prompt names`: each box's phrase becomes its head noun, the
-# way gold detection data and the class-name evaluation prompt the model), half of the student's
-# samples pseudo-labelled (`--pseudo-weight 2` against the two gold sources' 1 each), the
-# background of pseudo images ignored (`--pseudo-background-weight 0`: the objects the teacher
-# missed are not taught as background), and Noisy Student's strong augmentation (for the control
-# too). The teacher's score does not tell a right name from a wrong one on the tail kinds, so it
-# does not weight the loss.
-RECIPE = StudentRecipe(pseudo_weight=2.0, background_weight=0.0, augment="strong", pseudo_prompt="names")
+# The student recipe measured best on the default world (README's ablation table): each step is
+# the control's gold batch plus as many pseudo-labelled images (`--pseudo-per-step 2`, the
+# batches of Unbiased and Soft Teacher: the student loses no gold sample to the pseudo ones;
+# `--pseudo-per-step 0` mixes them into the batch by `--pseudo-weight 2` against the two gold
+# sources' 1 each instead), pseudo samples prompted by class names (`--pseudo-prompt names`: each
+# box's phrase becomes its head noun, the way gold detection data and the class-name evaluation
+# prompt the model), the background of pseudo images ignored (`--pseudo-background-weight 0`:
+# the objects the teacher missed are not taught as background), and Noisy Student's strong
+# augmentation (for the control too). The teacher's score does not tell a right name from a
+# wrong one on the tail kinds, so it does not weight the loss.
+RECIPE = StudentRecipe(pseudo_weight=2.0, background_weight=0.0, augment="strong", pseudo_prompt="names", pseudo_per_step=2)
 # At default and large size the student learns from the calibrated policy's labels (calibrate on
 # 10% of the web gold), matched to the caption's phrases jointly (`--assign caption`): a tail
 # object, whose name the teacher never saw, takes the phrase the base objects leave. The small
@@ -84,8 +90,9 @@ def train_arm(
     from pipeline.train.driver import run_training
     from pipeline.train.student import augment_options
 
-    augment, pseudo = {}, PseudoWeighting()
+    augment, pseudo, per_step = {}, PseudoWeighting(), 0
     if recipe is not None:
+        per_step = recipe.pseudo_per_step if any(s.kind == "pseudo" for s in sources) else 0
         augment = augment_options(recipe.augment)
         pseudo = PseudoWeighting(
             score_weight=recipe.score_weight, ignore_below=recipe.ignore_below, background_weight=recipe.background_weight,
@@ -108,6 +115,7 @@ def train_arm(
         data=DataConfig(
             sources=tuple(sources),
             batch_size=schedule.batch_size,
+            pseudo_per_step=per_step,
             augment=AugmentSettings(min_sizes=schedule.min_sizes, max_size=schedule.max_size, **augment),
             pseudo=pseudo,
         ),

@@ -159,6 +159,14 @@ def _calibration_html(calibration: dict, presets: dict) -> str:
     )
 
 
+def _mix_words(mix: dict) -> str:
+    """How the student's batches were composed, in words."""
+    if mix.get("pseudo_per_step"):
+        return (f"each step: the control's {mix['gold_per_step']} gold images per worker, the same ones, plus "
+                f"{mix['pseudo_per_step']} pseudo-labelled images")
+    return f"mixing weights {html.escape(str(mix['weights']))}"
+
+
 def _names_html(names: dict, preset: str) -> str:
     """The student's pseudo-labels per kind: is the name right (`evaluation.label_names`)."""
     if not names:
@@ -240,7 +248,7 @@ total {report['total_seconds']} s. Every number below comes from pycocotools on 
 gold + the teacher's pseudo-labels of the web split; <b>control</b>: the teacher's weights + the same steps, the same
 augmentation and the same gold, without the pseudo-labels. Student recipe: {recipe}. Student samples:
 {mix['pseudo_fraction'] * 100:.0f}% pseudo-labelled web images, {(1 - mix['pseudo_fraction']) * 100:.0f}% gold
-(mixing weights {html.escape(str(mix['weights']))}).</p>{no_pseudo}
+({_mix_words(mix)}).</p>{no_pseudo}
 <h2>What the world's gold lacks</h2><p>{html.escape(world)}</p>
 <h2>Pseudo-labels vs the web split's hidden gold (class-agnostic, IoU 0.5)</h2>
 <table><tr><th>preset</th><th>images</th><th>boxes</th><th>precision</th><th>recall</th><th>AP50</th></tr>{presets}</table>

@@ -137,6 +137,7 @@ def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSche
     drawn = arms["student"].get("samples_by_source", {})
     recipe = schedule.recipe
     weights = {"coco": 1.0, "grounding": 1.0, **({"pseudo": recipe.pseudo_weight} if runs["pseudo_sources"] else {})}
+    per_step = recipe.pseudo_per_step if runs["pseudo_sources"] else 0
     report = {
         "size": size,
         "seed": seed,
@@ -156,6 +157,8 @@ def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSche
         "student_recipe": asdict(recipe),
         "student_mix": {
             "weights": weights,
+            "gold_per_step": schedule.batch_size,  # per worker
+            "pseudo_per_step": per_step,  # per worker, on top of the gold (0: mixed in by weight)
             "samples_drawn_worker0": drawn,
             "pseudo_fraction": round(drawn.get("pseudo", 0) / max(sum(drawn.values()), 1), 4),
         },
@@ -223,6 +226,10 @@ def demo_command(
     pseudo_known_weight: Optional[float] = typer.Option(
         None, "--pseudo-known-weight", help="Weight of pseudo boxes whose name the gold already teaches (0: ignored)."
     ),
+    pseudo_per_step: Optional[int] = typer.Option(
+        None, "--pseudo-per-step", min=0,
+        help="Pseudo images added to each step's gold batch (0: mixed into it by --pseudo-weight).",
+    ),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Rounds of the loop: round k's teacher is round k-1's student."),
     resume: bool = typer.Option(False, "--resume", help="Go on with the interrupted (or finished) demo in --out: skip its finished rounds and stages."),
 ) -> None:
@@ -263,6 +270,7 @@ def demo_command(
         "pseudo_weight": pseudo_weight, "score_weight": pseudo_score_weight, "ignore_below": pseudo_ignore_below,
         "background_weight": pseudo_background_weight, "augment": augment, "phrase_score": phrase_score,
         "assign": assign, "pseudo_prompt": pseudo_prompt, "known_weight": pseudo_known_weight,
+        "pseudo_per_step": pseudo_per_step,
     }
     base = SCHEDULES.get(size, SCHEDULES["default"]).recipe
     recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
