@@ -183,9 +183,9 @@ class StudentTrainer:
         self.scheduler = make_scheduler(self.optimizer, config.optimizer, steps=config.steps)
         data = config.data
         self.stream = make_stream(
-            specs=data.sources, pseudo_per_step=data.pseudo_per_step, tokenizer=load_tokenizer(), seed=config.seed, rank=rank, world_size=world_size,
-            max_query_len=self.model.config.max_query_len, max_negative_phrases=data.max_negative_phrases,
-            pseudo_weighting=data.pseudo,
+            specs=data.sources, pseudo_per_step=data.pseudo_per_step, tokenizer=load_tokenizer(), seed=config.seed,
+            rank=rank, world_size=world_size, max_query_len=self.model.config.max_query_len,
+            max_negative_phrases=data.max_negative_phrases, pseudo_weighting=data.pseudo,
         )
         torch.manual_seed(config.seed * 1009 + rank + 1)  # dropout/drop-path differ per worker
         self.step_count = 0

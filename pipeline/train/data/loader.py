@@ -1,4 +1,5 @@
-"""`TrainLoader`: batches of a sample stream (`MixedSampleStream`, `PairedSampleStream`), decoded and augmented ahead on threads.
+"""`TrainLoader`: batches of a sample stream (`MixedSampleStream` or `PairedSampleStream`),
+decoded and augmented ahead on threads.
 
 Decoding is `pipeline.io.images.decode_rgb`, the decoder of every stage (modes, EXIF, corrupt,
 tiny and bomb images named by reason), so the student sees each pseudo image as the teacher did.

@@ -172,13 +172,6 @@ class MixedSampleStream:
         """The next `batch_size` planned samples (one worker's share of a step)."""
         return [self.next_sample() for _ in range(batch_size)]
 
-    def samples_by_kind(self) -> dict[str, int]:
-        """How many samples of each source kind this worker has drawn so far."""
-        counts: dict[str, int] = {}
-        for spec, count in zip(self.specs, self.source_counts):
-            counts[spec.kind] = counts.get(spec.kind, 0) + count
-        return counts
-
     def next_sample(self) -> PlannedSample:
         key = [self.seed, self.rank, 11, self.position]
         rng = np.random.default_rng(key if self.salt is None else [*key, self.salt])
@@ -295,12 +288,6 @@ class PairedSampleStream:
 
     def plan_batch(self, batch_size: int) -> list[PlannedSample]:
         return self.gold.plan_batch(batch_size) + self.pseudo.plan_batch(self.per_step)
-
-    def samples_by_kind(self) -> dict[str, int]:
-        counts = self.gold.samples_by_kind()
-        for kind, count in self.pseudo.samples_by_kind().items():
-            counts[kind] = counts.get(kind, 0) + count
-        return counts
 
     def state_dict(self) -> dict:
         return {"per_step": self.per_step, "gold": self.gold.state_dict(), "pseudo": self.pseudo.state_dict()}
