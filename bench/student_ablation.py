@@ -69,11 +69,11 @@ def main() -> None:
     schedule = DemoSchedule(**schedule_dict)
 
     paths = world_paths(args.run / "world")
-    labels = student_labels(args.run, report["preset"], report["pseudo_labels"], report["calibration"])
-    if labels is None:
-        raise SystemExit(f"error: {args.run}: the run's student had no pseudo-labels to re-train on")
-    sources = [*gold_sources(paths)]
+    sources = gold_sources(paths)
     if not args.gold_only:
+        labels = student_labels(args.run, report["preset"], report["pseudo_labels"], report["calibration"])
+        if labels is None:
+            raise SystemExit(f"error: {args.run}: the run's student had no pseudo-labels to re-train on")
         sources.append(SourceSpec(kind="pseudo", paths=(labels,), weight=recipe.pseudo_weight))
     started_ray = init_ray(None)
     started = time.perf_counter()

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec
+from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec, paired_sources
 
 SCHEDULES = ("step", "cosine")
 
@@ -93,13 +93,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.pseudo_per_step < 0:
             raise ValueError(f"--pseudo-per-step must be >= 0, got {self.pseudo_per_step}")
-        if self.pseudo_per_step and not (
-            any(s.kind == "pseudo" for s in self.sources) and any(s.kind != "pseudo" for s in self.sources)
-        ):
-            raise ValueError(
-                "--pseudo-per-step adds pseudo samples to each step's gold batch: give gold sources "
-                "(--coco, --grounding, --odvg) and --pseudo shards"
-            )
+        if self.pseudo_per_step:
+            paired_sources(self.sources)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,7 @@ from pipeline.train.checkpoints import restore_training_checkpoint, save_trainin
 from pipeline.train.config import OptimizerConfig, StudentModel, TrainConfig
 from pipeline.train.data.loader import LoadedBatch, TrainLoader
 from pipeline.train.data.mixing import make_stream
+from pipeline.train.data.specs import paired_sources
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -143,11 +144,8 @@ def source_samples(config: TrainConfig, state: dict) -> dict[str, int]:
     """`samples_<kind>`: how many samples of each source kind this worker has drawn so far
     (the measured mixing ratio; every worker draws with the same weights)."""
     if "gold" in state:  # a PairedSampleStream's: the gold stream's sources, then the pseudo stream's
-        sources = config.data.sources
-        pairs = [
-            *zip([s for s in sources if s.kind != "pseudo"], state["gold"]["source_counts"]),
-            *zip([s for s in sources if s.kind == "pseudo"], state["pseudo"]["source_counts"]),
-        ]
+        gold, pseudo = paired_sources(config.data.sources)
+        pairs = [*zip(gold, state["gold"]["source_counts"]), *zip(pseudo, state["pseudo"]["source_counts"])]
     else:
         pairs = list(zip(config.data.sources, state["source_counts"]))
     counts: dict[str, int] = {}

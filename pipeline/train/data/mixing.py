@@ -30,7 +30,7 @@ from nlp.vocabulary import phrase_name
 from pipeline.train.data.pseudo_stream import PseudoShardStream, list_pseudo_shards
 from pipeline.train.data.records import Record, Span, read_json
 from pipeline.train.data.sources import CocoDetectionSource, GroundingJsonSource, InMemorySource, OdvgSource
-from pipeline.train.data.specs import PseudoWeighting, SourceSpec, TrainDataError
+from pipeline.train.data.specs import PseudoWeighting, SourceSpec, TrainDataError, paired_sources
 
 
 def _gold_names(sources) -> frozenset[str]:
@@ -267,23 +267,16 @@ class PairedSampleStream:
     PSEUDO_SALT = 97
 
     def __init__(self, *, specs: Sequence[SourceSpec], per_step: int, tokenizer, **options) -> None:
-        gold = [s for s in specs if s.kind != "pseudo"]
-        pseudo = [s for s in specs if s.kind == "pseudo"]
         if per_step < 1:
             raise TrainDataError(f"--pseudo-per-step must be >= 1 to pair batches, got {per_step}")
-        if not gold or not pseudo:
-            raise TrainDataError(
-                "--pseudo-per-step adds pseudo samples to each step's gold batch: it needs gold sources "
-                f"(--coco, --grounding, --odvg) and --pseudo shards; this run gives {[s.name for s in specs] or 'none'}"
-            )
+        gold, pseudo = paired_sources(specs)
         self.specs = list(specs)
         self.per_step = per_step
         self.tokenizer = tokenizer
-        weighting = options.get("pseudo_weighting", PseudoWeighting())
         self.gold = MixedSampleStream(specs=gold, tokenizer=tokenizer, **options)
-        names = _gold_names(self.gold.sources) if weighting.known_weight != 1.0 else frozenset()
+        # the gold stream has read the gold names already (when known_weight asks for them)
         self.pseudo = MixedSampleStream(
-            specs=pseudo, tokenizer=tokenizer, salt=self.PSEUDO_SALT, gold_names=names, **options
+            specs=pseudo, tokenizer=tokenizer, salt=self.PSEUDO_SALT, gold_names=self.gold.gold_names, **options
         )
 
     def plan_batch(self, batch_size: int) -> list[PlannedSample]:

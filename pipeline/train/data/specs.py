@@ -46,6 +46,19 @@ class SourceSpec:
         return f"{self.kind}:{','.join(self.paths)}"
 
 
+def paired_sources(specs) -> tuple[list[SourceSpec], list[SourceSpec]]:
+    """(gold specs, pseudo specs) of a `--pseudo-per-step` run, each in the run's order; refused
+    unless both are there."""
+    gold = [s for s in specs if s.kind != "pseudo"]
+    pseudo = [s for s in specs if s.kind == "pseudo"]
+    if not gold or not pseudo:
+        raise TrainDataError(
+            "--pseudo-per-step adds pseudo samples to each step's gold batch: it needs gold sources "
+            f"(--coco, --grounding, --odvg) and --pseudo shards; this run gives {[s.name for s in specs] or 'none'}"
+        )
+    return gold, pseudo
+
+
 @dataclass(frozen=True)
 class AugmentSettings:
     """Training transform: random short side from `min_sizes`, long side <= `max_size`, and
