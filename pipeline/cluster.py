@@ -1,17 +1,27 @@
 """Starting or joining Ray for a stage driver.
 
-`init_ray(None)` starts an embedded single-node Ray that listens on 127.0.0.1 only, with
-the dashboard off and token authentication disabled (Ray 2.60 enables it by default; see
-ASSETS.md). `init_ray("ray://...")` or `init_ray("10.0.0.5:6379")` joins an existing cluster,
-whose own configuration then applies; so does `init_ray(None)` when `RAY_ADDRESS` is set (a
-stage running as a Ray job).
+`init_ray(None)` starts an embedded single-node Ray of this process's own: a fresh local
+cluster (`address="local"`) in a temp folder of its own, listening on 127.0.0.1 only, with
+token authentication disabled (Ray 2.60 enables it by default; see ASSETS.md). It never
+joins another Ray that happens to run on the machine (a `ray start --head`, a test's
+`ray.cluster_utils.Cluster`, another user's engine): Ray's own `ray.init()` would join the
+cluster named in `/tmp/ray/ray_current_cluster`, which is not what "embedded" means.
+
+A cluster is joined only when asked: `init_ray("ray://...")` or `init_ray("10.0.0.5:6379")`
+(the `--address` option), or `RAY_ADDRESS` in the environment (a stage running as a Ray job),
+whose own configuration then applies.
 
 Ray is imported here and in stage drivers only, never in `nlp/` or `model/`.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
 
 # What a loopback-only embedded cluster needs (the caller's environment wins when it sets them).
 EMBEDDED_ENV = {
@@ -19,6 +29,17 @@ EMBEDDED_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+
+
+@dataclass
+class _Embedded:
+    """The embedded Ray this process started: its temp root and the RAY_TMPDIR it replaced."""
+
+    root: str
+    previous_tmpdir: str | None
+
+
+_embedded: _Embedded | None = None
 
 
 def init_ray(
@@ -34,12 +55,13 @@ def init_ray(
     A Ray already initialised in this process is reused as is (returns False), so tests can
     share one module-scoped cluster across stage runs. `num_cpus`/`num_gpus` size the
     embedded cluster only (a joined cluster has its own resources). Callers that get True
-    should `ray.shutdown()` when done.
+    should call `shutdown_ray(True)` when done.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    _forget_embedded()  # a previous embedded Ray shut down with a bare ray.shutdown()
     # Inside a job submitted with `pipeline submit` (Ray Jobs API), RAY_ADDRESS names the
     # cluster the job runs on: join it instead of starting an embedded one.
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -48,16 +70,71 @@ def init_ray(
         return True
     for name, value in EMBEDDED_ENV.items():
         os.environ.setdefault(name, value)
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=include_dashboard,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        log_to_driver=log_to_driver,
-        configure_logging=False,
+    _start_embedded(
+        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver
     )
     return True
+
+
+def _start_embedded(*, num_cpus: int | None, num_gpus: int | None, include_dashboard: bool, log_to_driver: bool) -> None:
+    """`ray.init(address="local")` in a temp root of its own, with free dashboard ports.
+
+    Why the temp root: code that runs inside the cluster and asks Ray "which cluster am I
+    on?" without an address reads `$RAY_TMPDIR/ray/ray_current_cluster` (the file `ray start`
+    writes). Ray Train v2's placement-group cleaner does so through the State API to learn
+    whether its controller is alive; with another Ray on the machine it asked that one, got
+    "no such actor" and removed a live training's placement group ("Destroying worker since
+    its placement group was removed"). Setting RAY_TMPDIR before the raylet starts (workers
+    inherit it) and writing our own address there makes every such lookup find this cluster.
+    Why the ports: the dashboard (8265) and its agent (52365) have fixed defaults; a second
+    cluster on the machine must not reach for the first one's.
+    """
+    import ray
+    from ray._private.utils import write_ray_address
+
+    global _embedded
+    base = os.environ.get("RAY_TMPDIR") or "/tmp"  # short: Ray's Unix socket paths are length-limited
+    root = tempfile.mkdtemp(prefix="glip-", dir=base)
+    _embedded = _Embedded(root=root, previous_tmpdir=os.environ.get("RAY_TMPDIR"))
+    os.environ["RAY_TMPDIR"] = root
+    temp_dir = os.path.join(root, "ray")
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=include_dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port() if include_dashboard else None,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            log_to_driver=log_to_driver,
+            configure_logging=False,
+        )
+    except BaseException:
+        _forget_embedded()
+        raise
+    write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _forget_embedded() -> None:
+    """Restore RAY_TMPDIR and remove the temp root of an embedded Ray that is no longer up."""
+    global _embedded
+    if _embedded is None:
+        return
+    if _embedded.previous_tmpdir is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = _embedded.previous_tmpdir
+    shutil.rmtree(_embedded.root, ignore_errors=True)
+    _embedded = None
 
 
 def shutdown_ray(started: bool) -> None:
@@ -66,3 +143,16 @@ def shutdown_ray(started: bool) -> None:
         import ray
 
         ray.shutdown()
+        _forget_embedded()
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if _embedded is None:
+        return
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # our temp root holds its sockets and logs: stop it before removing them
+    _forget_embedded()
