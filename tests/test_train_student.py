@@ -30,13 +30,13 @@ OVERFIT_IMAGES = (249346, 187334, 163497, 525891)
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One embedded loopback Ray for the module (start-up costs seconds and ~1 GB)."""
-    import ray
+    from pipeline.cluster import init_ray, shutdown_ray
 
     # The Ray Train controller polls its workers every 2 s by default: too slow for short runs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
+    started = init_ray(None, num_cpus=2, include_dashboard=True)
     yield
-    ray.shutdown()
+    shutdown_ray(started)
 
 
 @pytest.fixture(scope="module")
