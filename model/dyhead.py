@@ -142,10 +142,12 @@ class VLDyHead(nn.Module):
         for _ in range(head.num_convs):
             if head.early_fuse:
                 tower.append(VLFuse(v_dim=channels, l_dim=lang_dim, embed_dim=head.fusion_embed_dim,
-                                    num_heads=head.fusion_heads, num_convs=head.num_convs))
+                                    num_heads=head.fusion_heads, num_convs=head.num_convs, dropout=head.fusion_dropout))
                 tower.append(BertEncoderLayer(hidden=lang_dim, heads=config.language.num_attention_heads,
                                               intermediate=config.language.intermediate_size,
-                                              eps=config.language.layer_norm_eps))
+                                              eps=config.language.layer_norm_eps,
+                                              hidden_dropout=config.language.hidden_dropout,
+                                              attention_dropout=config.language.attention_dropout))
             tower.append(DyConv(channels, groups=head.group_norm_groups, deformable=head.deformable))
         self.dyhead_tower = nn.Sequential(*tower)
 

@@ -18,7 +18,7 @@ CLAMP = 50000.0  # CLAMP_MIN_FOR_UNDERFLOW / CLAMP_MAX_FOR_OVERFLOW
 class BiMultiHeadAttention(nn.Module):
     """Bi-directional attention: returns (delta_v [B, Nv, v_dim], delta_l [B, L, l_dim])."""
 
-    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float = 0.1) -> None:
+    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -70,11 +70,11 @@ class BiMultiHeadAttention(nn.Module):
 class BiAttentionBlock(nn.Module):
     """Pre-norm bi-attention with layer scale; the residual is added to the NORMALISED inputs."""
 
-    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_scale: float) -> None:
+    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_scale: float, dropout: float) -> None:
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
-        self.attn = BiMultiHeadAttention(v_dim=v_dim, l_dim=l_dim, embed_dim=embed_dim, num_heads=num_heads)
+        self.attn = BiMultiHeadAttention(v_dim=v_dim, l_dim=l_dim, embed_dim=embed_dim, num_heads=num_heads, dropout=dropout)
         self.gamma_v = nn.Parameter(init_scale * torch.ones(v_dim))
         self.gamma_l = nn.Parameter(init_scale * torch.ones(l_dim))
 
@@ -96,13 +96,14 @@ class BiAttentionBlock(nn.Module):
 
 
 class VLFuse(nn.Module):
-    """Tower step: fuse visual maps and text hidden states (dict in, dict out)."""
+    """Tower step: fuse visual maps and text hidden states (dict in, dict out). `dropout`: on
+    both attention maps (official: 0.1; the fusion's drop path is hard-coded 0 there, so none here)."""
 
-    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, num_convs: int) -> None:
+    def __init__(self, *, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, num_convs: int, dropout: float) -> None:
         super().__init__()
         self.use_checkpoint = False
         self.b_attn = BiAttentionBlock(v_dim=v_dim, l_dim=l_dim, embed_dim=embed_dim, num_heads=num_heads,
-                                       init_scale=1.0 / num_convs)
+                                       init_scale=1.0 / num_convs, dropout=dropout)
 
     def forward(self, inputs: dict) -> dict:
         lang = dict(inputs["lang"])
@@ -150,10 +151,10 @@ class _DenseNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, *, hidden: int, heads: int, eps: float, dropout: float) -> None:
+    def __init__(self, *, hidden: int, heads: int, eps: float, hidden_dropout: float, attention_dropout: float) -> None:
         super().__init__()
-        self.self = _SelfAttention(hidden=hidden, heads=heads, dropout=dropout)
-        self.output = _DenseNorm(in_dim=hidden, out_dim=hidden, eps=eps, dropout=dropout)
+        self.self = _SelfAttention(hidden=hidden, heads=heads, dropout=attention_dropout)
+        self.output = _DenseNorm(in_dim=hidden, out_dim=hidden, eps=eps, dropout=hidden_dropout)
 
     def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
         return self.output(self.self(x, additive_mask), x)
@@ -169,13 +170,19 @@ class _Intermediate(nn.Module):
 
 
 class BertEncoderLayer(nn.Module):
-    """Post-LN BERT layer on lang["hidden"] with clamped scores (tower step after VLFuse)."""
+    """Post-LN BERT layer on lang["hidden"] with clamped scores (tower step after VLFuse).
+    Dropouts as BERT's: `attention_dropout` on the attention probabilities, `hidden_dropout`
+    on each dense output before its residual (the official layer reuses the text BertConfig)."""
 
-    def __init__(self, *, hidden: int, heads: int, intermediate: int, eps: float = 1e-12, dropout: float = 0.1) -> None:
+    def __init__(
+        self, *, hidden: int, heads: int, intermediate: int, eps: float = 1e-12, hidden_dropout: float,
+        attention_dropout: float,
+    ) -> None:
         super().__init__()
-        self.attention = _Attention(hidden=hidden, heads=heads, eps=eps, dropout=dropout)
+        self.attention = _Attention(hidden=hidden, heads=heads, eps=eps, hidden_dropout=hidden_dropout,
+                                    attention_dropout=attention_dropout)
         self.intermediate = _Intermediate(hidden=hidden, intermediate=intermediate)
-        self.output = _DenseNorm(in_dim=intermediate, out_dim=hidden, eps=eps, dropout=dropout)
+        self.output = _DenseNorm(in_dim=intermediate, out_dim=hidden, eps=eps, dropout=hidden_dropout)
         for module in self.modules():  # BERT init
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)

@@ -52,7 +52,10 @@ class VisionBackbone(nn.Module):
             )
         else:
             raise ValueError(f"unknown visual backbone {config.backbone!r}; expected swin or mobilenet_v2")
-        self.fpn = FPN(in_channels=self.body.num_features[1:], channels=config.fpn_channels)
+        self.fpn = FPN(
+            in_channels=self.body.num_features[1:], channels=config.fpn_channels,
+            drop_block_prob=config.drop_block.prob, drop_block_size=config.drop_block.size,
+        )
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.fpn(self.body(images))

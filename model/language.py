@@ -22,8 +22,8 @@ def bert_config(config: LanguageConfig) -> BertConfig:
         max_position_embeddings=config.max_position_embeddings,
         layer_norm_eps=config.layer_norm_eps,
         hidden_act="gelu",
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
         type_vocab_size=2,
     )
 

@@ -13,6 +13,7 @@ import typer
 from jobs.submit import job_app, submit_command
 from pipeline.demo.run import demo_command
 from pipeline.evaluation.calibrate import calibrate_command
+from pipeline.evaluation.check_parity import check_parity_command
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.ground import ground
 from pipeline.stages.decontaminate import decontaminate_command
@@ -42,6 +43,7 @@ def build_app() -> typer.Typer:
     app.command("stats")(stats_command)
     app.command("train-student")(train_student)
     app.command("eval")(evaluate)
+    app.command("check-parity")(check_parity_command)
     app.command("demo")(demo_command)
     app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit_command)
     app.add_typer(job_app, name="job")

@@ -1,8 +1,9 @@
 """Numerical parity with the official GLIP code (shared/reference/glip reference runs).
 
-With the README's deterministic weights, our T(C) and T(A) on the reference input must match
-every stored tensor group within 1e-4 of that tensor's std; the run prints the figures. On
-torch 2.14.1 CPU the match is in fact bit-exact (the same ops in the same order).
+With the README's deterministic weights, our T(C), T(A) and GLIP-L on the reference input must
+match every stored tensor group within 1e-4 of that tensor's std; the run prints the figures. On
+torch 2.14.1 CPU the match is in fact bit-exact (the same ops in the same order). GLIP-L's 100
+detections are matched one by one against the reference's.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from bench.reference_weights import fill_reference_weights, load_reference, reference_image_tensor
+from bench.reference_weights import fill_reference_weights, load_reference
 from model.config import get_config
 from model.glip import GLIP
+from model.parity import forward_pairs
+from model.postprocess import ATSSPostProcessor
 
 TOLERANCE = 1e-4
+# The reference caption "person. bicycle. car.": label -> its token.
+LABEL_TOKENS = {1: [1], 2: [3], 3: [5]}
 
 
-def relative_error(ours: torch.Tensor, reference) -> float:
+def std_error(ours: torch.Tensor, reference) -> float:
     reference = torch.from_numpy(np.asarray(reference)).float()
     assert tuple(ours.shape) == tuple(reference.shape)
     return float((ours.float() - reference).abs().max() / reference.std())
@@ -28,46 +33,11 @@ def _run(reference_dir, name: str, variant: str):
     npz, summary = load_reference(reference_dir, name)
     model = GLIP(get_config(variant)).eval()
     assert fill_reference_weights(model) == summary["num_params_filled"]
-    captured: dict = {}
-    model.backbone.body.register_forward_hook(lambda module, args, out: captured.update(swin=out))
-    model.language_backbone.register_forward_hook(lambda module, args, out: captured.update(lang=out))
-    for index, module in enumerate(model.rpn.head.dyhead_tower):
-        module.register_forward_hook(lambda module, args, out, i=index: captured.update({f"tower{i:02d}": out}))
-    with torch.no_grad():
-        out = model(
-            reference_image_tensor(npz),
-            torch.from_numpy(npz["input_ids"])[None],
-            torch.from_numpy(npz["attention_mask"])[None],
-        )
-    errors: dict[str, float] = {}
-    lang = captured["lang"]
-    errors["lang_hidden"] = relative_error(lang["hidden"][0, :16], npz["lang_hidden_first16"])
-    errors["lang_embedded"] = relative_error(lang["embedded"][0, :16], npz["lang_embedded_first16"])
-    for index, stage in enumerate(captured["swin"]):
-        errors[f"swin_stage{index + 2}"] = relative_error(stage[0, :8, ::4, ::4], npz[f"swin_stage{index + 2}_sample"])
-    for level, feature in enumerate(out.features):
-        sample = feature[0, :16, ::2, ::2] if level < 3 else feature[0]
-        errors[f"fpn_P{level + 3}"] = relative_error(sample, npz[f"fpn_P{level + 3}_sample"])
-    tower_keys = sorted(k for k in npz.files if k.startswith("tower"))
-    assert len(tower_keys) == 2 * len(model.rpn.head.dyhead_tower)
-    for key in tower_keys:
-        step = captured[key[:7]]
-        if key.endswith("_P7"):
-            errors[key] = relative_error(step["visual"][4][0], npz[key])
-        else:
-            errors[key] = relative_error(step["lang"]["hidden"][0, :16], npz[key])
-    for level in range(5):
-        p = level + 3
-        errors[f"bbox_reg_P{p}"] = relative_error(out.box_regression[level][0], npz[f"bbox_reg_P{p}"])
-        errors[f"centerness_P{p}"] = relative_error(out.centerness[level][0, 0], npz[f"centerness_P{p}"])
-        errors[f"dot_logits_P{p}"] = relative_error(out.dot_product_logits[level][0, :, :16], npz[f"dot_logits_P{p}_first16"])
-    return errors
+    pairs, out = forward_pairs(model, npz)
+    return {key: std_error(ours, stored) for key, (ours, stored) in pairs.items()}, out, npz
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "variant"), [("t_c", "glip-t"), ("t_a", "glip-t-a")])
-def test_forward_matches_official_reference(reference_dir, name, variant):
-    errors = _run(reference_dir, name, variant)
+def _check(name: str, errors: dict[str, float]) -> None:
     groups: dict[str, float] = {}
     for key, value in errors.items():
         group = key.split("_")[0] if not key.startswith("tower") else "tower"
@@ -75,3 +45,43 @@ def test_forward_matches_official_reference(reference_dir, name, variant):
     print(f"\nGLIP-{name.upper()} max error / std per group: " + ", ".join(f"{g} {v:.2e}" for g, v in groups.items()))
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
     assert not bad, f"tensors off by more than {TOLERANCE} std: {bad}"
+
+
+def matched_detections(found: dict[str, torch.Tensor], npz, *, atol_box: float = 1e-2, atol_score: float = 1e-4) -> int:
+    """How many reference detections have one of ours (each used once) with the same label,
+    box within `atol_box` px and score within `atol_score`; compared as sets (README)."""
+    used = torch.zeros(len(found["scores"]), dtype=torch.bool)
+    matched = 0
+    for box, score, label in zip(npz["final_boxes"], npz["final_scores"], npz["final_labels"]):
+        close = (
+            (found["labels"] == int(label))
+            & ((found["boxes"] - torch.from_numpy(box)).abs().max(dim=1).values <= atol_box)
+            & ((found["scores"] - float(score)).abs() <= atol_score)
+            & ~used
+        )
+        if close.any():
+            used[torch.nonzero(close)[0, 0]] = True
+            matched += 1
+    return matched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "variant"), [("t_c", "glip-t"), ("t_a", "glip-t-a")])
+def test_forward_matches_official_reference(reference_dir, name, variant):
+    errors, _, _ = _run(reference_dir, name, variant)
+    _check(name, errors)
+
+
+@pytest.mark.slow
+def test_glip_l_forward_and_detections_match_official_reference(reference_dir):
+    errors, out, npz = _run(reference_dir, "l", "glip-l")
+    assert sum(k.startswith("tower") for k in errors) == 2 * 24  # 8 x (VLFuse, BERT layer, DyConv)
+    _check("l", errors)
+    found = ATSSPostProcessor()(
+        [t.float() for t in out.box_regression], [t.float() for t in out.centerness],
+        [t.float() for t in out.dot_product_logits], out.anchors, [(480, 640)], [LABEL_TOKENS],
+    )[0]
+    matched = matched_detections(found, npz)
+    print(f"GLIP-L detections matched: {matched}/{len(npz['final_scores'])} (ours {len(found['scores'])})")
+    assert len(npz["final_scores"]) == 100 and len(found["scores"]) == 100
+    assert matched == 100

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec, paired_sources
 
 SCHEDULES = ("step", "cosine")
+REGULARISER_PRESETS = ("official", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +38,18 @@ class StudentModel:
     freeze_text: bool = False  # MODEL.LANGUAGE_BACKBONE.FREEZE: the fusion layers still train
     freeze_backbone: bool = False  # MODEL.BACKBONE.FREEZE: the visual body keeps its weights; FPN and head train
     grad_checkpointing: bool = False
+    # Training-time regularisers: "official" keeps the variant's (model.config), "off" turns every
+    # one off (parity runs); a per-kind value, when given, replaces the preset's for that kind.
+    regularisers: str = "official"
+    drop_path: float | None = None  # Swin stochastic depth rate
+    text_dropout: float | None = None  # BERT hidden + attention dropout (text encoder, head BERT layers)
+    fusion_dropout: float | None = None  # X-MHA fusion attention maps
+    drop_block: float | None = None  # FPN DropBlock probability
 
     def __post_init__(self) -> None:
+        if self.regularisers not in REGULARISER_PRESETS:
+            raise ValueError(f"--regularisers {self.regularisers!r}: choose one of {', '.join(REGULARISER_PRESETS)}")
+        self.regulariser_settings()  # a value out of [0, 1) is refused here, before any worker starts
         if self.init_text not in (None, "minilm"):
             raise ValueError(f"init_text must be 'minilm' or None, got {self.init_text!r}")
         if self.init_backbone:
@@ -50,6 +61,17 @@ class StudentModel:
                     f"--init-backbone {self.init_backbone}: only the mobilenet_v2 backbone (variant tiny-mnv2) has ImageNet "
                     f"weights available offline; variant {self.variant} uses {backbone} (start it from --init instead)"
                 )
+
+    def regulariser_settings(self):
+        """The `model.config.Regularisers` to build the student with."""
+        from model.config import OFF, Regularisers
+
+        chosen = {
+            "drop_path": self.drop_path, "text_dropout": self.text_dropout, "fusion_dropout": self.fusion_dropout,
+            "drop_block": self.drop_block,
+        }
+        base = OFF if self.regularisers == "off" else Regularisers()
+        return dataclasses.replace(base, **{kind: value for kind, value in chosen.items() if value is not None})
 
 
 @dataclass(frozen=True, kw_only=True)

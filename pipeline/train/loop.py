@@ -89,16 +89,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, *,
 def build_student(spec: StudentModel, *, seed: int) -> torch.nn.Module:
     """A fresh model of `spec.variant`, or `--init` weights (official or ours), in train mode."""
     from model.checkpoint import load_glip
-    from model.config import get_config
+    from model.config import get_config, with_regularisers
     from model.glip import GLIP
     from model.pretrained import load_imagenet_backbone, load_minilm_text_encoder
     from pipeline.io.storage import local_copy
 
     torch.manual_seed(seed)  # identical initial weights on every worker
+    regularisers = spec.regulariser_settings()  # dropouts, drop path, DropBlock: no weights of their own
     if spec.init:
-        model, _ = load_glip(local_copy(spec.init), config=spec.variant)  # s3://, gs:// or local
+        model, _ = load_glip(local_copy(spec.init), config=spec.variant, regularisers=regularisers)  # s3://, gs:// or local
     else:
-        model = GLIP(get_config(spec.variant))
+        model = GLIP(with_regularisers(get_config(spec.variant), regularisers))
     if spec.init_text == "minilm":
         load_minilm_text_encoder(model)
     if spec.init_backbone and not spec.init:

@@ -146,6 +146,18 @@ def train_student(
         _MODEL.freeze_backbone, "--freeze-backbone",
         help="Keep the visual body's weights fixed (MODEL.BACKBONE.FREEZE); the FPN and the head still train.",
     ),
+    regularisers: str = typer.Option(
+        _MODEL.regularisers, "--regularisers",
+        help="official: the variant's dropouts, Swin drop path and FPN DropBlock (docs/training-recipe.md); off: none (parity runs).",
+    ),
+    drop_path: Optional[float] = typer.Option(None, "--drop-path", help="Swin stochastic depth rate (official: 0.2 GLIP-T, 0.4 GLIP-L)."),
+    text_dropout: Optional[float] = typer.Option(
+        None, "--text-dropout", help="BERT hidden and attention dropout, text encoder and the head's BERT layers (official 0.1)."
+    ),
+    fusion_dropout: Optional[float] = typer.Option(None, "--fusion-dropout", help="Dropout on the fusion's attention maps (official 0.1)."),
+    drop_block: Optional[float] = typer.Option(
+        None, "--drop-block", help="FPN DropBlock probability, block 3 (official 0.3; the tiny variants 0)."
+    ),
     checkpoint_every: int = typer.Option(_CKPT.every, "--checkpoint-every", help="Steps between checkpoints."),
     keep_checkpoints: Optional[int] = typer.Option(_CKPT.keep, "--keep-checkpoints", help="Checkpoints kept (latest)."),
     log_every: int = typer.Option(_RUN.log_every, "--log-every", help="Steps between progress lines."),
@@ -199,7 +211,8 @@ def train_student(
         log_every=log_every,
         model=StudentModel(
             variant=config, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
-            freeze_backbone=freeze_backbone, grad_checkpointing=grad_checkpointing,
+            freeze_backbone=freeze_backbone, grad_checkpointing=grad_checkpointing, regularisers=regularisers,
+            drop_path=drop_path, text_dropout=text_dropout, fusion_dropout=fusion_dropout, drop_block=drop_block,
         ),
         data=DataConfig(
             sources=sources,
