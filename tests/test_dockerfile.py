@@ -106,12 +106,12 @@ def test_the_image_installs_like_the_readme_set_up():
     assert all("--no-deps" in args for args in setup[2:]), setup
 
 
-def test_the_readme_builds_the_image_the_dockerfile_names():
+def test_the_docs_build_the_image_the_dockerfile_names():
     header = [line.lstrip("# ").strip() for line in (REPO / "jobs" / "Dockerfile").read_text().splitlines()
               if line.startswith("#   docker ")]
     assert [line.split()[:2] for line in header] == [["docker", "build"], ["docker", "push"]]
-    readme = (REPO / "README.md").read_text()
-    cluster = readme[readme.index("## Running on a cluster"):]
+    page = (REPO / "docs" / "cluster.md").read_text()
+    cluster = page[page.index("## The container image"):]
     for line in header:
         assert line in cluster, line
     assert "jobs/build_local_image.sh" in cluster
