@@ -14,7 +14,7 @@
 #    the rows compared with the same run on this machine when GLIP_HOST_PYTHON (default
 #    .venv/bin/python) imports the engine.
 # It prints the time of each step. The image it makes has no CUDA base: for a cluster, build
-# the Dockerfile as it is (see README "Running on a cluster").
+# the Dockerfile as it is (see docs/cluster.md).
 #
 # Needs root (debootstrap, rootful podman) and `apt-get install podman debootstrap runc`.
 # Sandbox settings it applies, each harmless on an ordinary machine (CONTAINERS_CONF of its

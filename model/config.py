@@ -144,7 +144,7 @@ VARIANTS["tiny-mnv2"] = dataclasses.replace(VARIANTS["tiny-cpu"], name="tiny-mnv
 # `tiny-mnv2` with GLIP-T(A)'s head (no deep fusion: the words are matched against the visual
 # features with the text encoder's own output): the demo's model. Without the fusion and extra
 # BERT layers a CPU step takes half the time, and with its ImageNet body frozen (`--freeze-backbone`)
-# the head learns to tell the shapes apart within the demo's budget (README: "a teacher that names").
+# the head learns to tell the shapes apart within the demo's budget (docs/results.md: "a teacher that names").
 VARIANTS["tiny-mnv2-a"] = dataclasses.replace(
     VARIANTS["tiny-mnv2"], name="tiny-mnv2-a", head=dataclasses.replace(VARIANTS["tiny-mnv2"].head, early_fuse=False)
 )

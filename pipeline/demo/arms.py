@@ -48,7 +48,7 @@ class DemoSchedule:
     # The tiny GLIP-T(A) (no deep fusion) with plain convs in DyHead on an ImageNet-pretrained
     # MobileNetV2 (the only pretrained visual weights available offline), kept frozen; its text
     # encoder starts from all-MiniLM-L6-v2 and stays frozen too: the FPN, the DyHead and the
-    # dot-product projection train (README: "a teacher that names", for why).
+    # dot-product projection train (docs/results.md: "a teacher that names", for why).
     variant: str = "tiny-mnv2-a"
     init_backbone: str | None = "imagenet"
     freeze_backbone: bool = True
@@ -56,7 +56,7 @@ class DemoSchedule:
     preset: str = "glip"  # the student's pseudo-labels when --preset is not given (glip, grit, owlst, calibrated)
 
 
-# The student recipe measured best on the default world (README's ablation table): each step is
+# The student recipe measured best on the default world (docs/results.md, the ablation on seed 0): each step is
 # the control's gold batch plus as many pseudo-labelled images (`--pseudo-per-step 2`, the
 # batches of Unbiased and Soft Teacher: the student loses no gold sample to the pseudo ones;
 # `--pseudo-per-step 0` mixes them into the batch by `--pseudo-weight 2` against the two gold
