@@ -9,8 +9,9 @@
 2. Every relative link and every `#anchor` resolves (GitHub's heading slugs).
 3. A figure table names its date and its command. A figure table is a Markdown table whose
    header row names a measured quantity (AP, AUC, precision, recall, seconds, s, ms, a rate
-   such as img/s or samples/s, a ratio, speed, time, memory, GB/GiB/MB/MiB), or one where most
-   rows hold a number (`37.8`, `+7.0`, `**583**`) in a cell after the first. Its nearby text
+   such as img/s or samples/s, a ratio, speed, time, memory, GB/GiB/MB/MiB): name the quantity
+   in the header of a table of measured numbers. (Tables of configured values, such as a
+   recipe's dropout rates, name none and need no date.) Its nearby text
    (from the previous heading or table down to the next heading or table) must hold a date
    written YYYY-MM-DD and the command that produced the figures in backticks or in a fenced
    block (`pipeline ...`, `python ...`, `bash ...`, `pytest ...`).
@@ -335,19 +336,6 @@ def tables(prose: list[str]) -> list[tuple[int, int]]:
     return found
 
 
-NUMBER_CELL = re.compile(r"^(\*\*)?[+-]?(\*\*)?\d")
-
-
-def cells(row: str) -> list[str]:
-    return [cell.strip() for cell in row.strip().strip("|").split("|")]
-
-
-def is_figure_table(rows: list[str]) -> bool:
-    header, body = rows[0], rows[2:]
-    with_numbers = sum(any(NUMBER_CELL.match(cell) for cell in cells(row)[1:]) for row in body)
-    return bool(MEASURED.search(header)) or (bool(body) and with_numbers * 2 > len(body))
-
-
 def names_a_command(lines: list[str], blocks: list[Block], first: int, last: int) -> bool:
     spans = [span for _, span in inline_code(lines)]
     fenced = [text.strip() for b in blocks for n, text in b.lines if first <= n <= last]
@@ -360,7 +348,7 @@ def figure_table_problems(path: Path) -> list[str]:
     boundaries = sorted({*heading_lines(prose), *(t for table in found for t in table)})
     problems = []
     for first, last in found:
-        if not is_figure_table(prose[first - 1:last]):
+        if not MEASURED.search(prose[first - 1]):
             continue
         start = max([b for b in boundaries if b < first], default=0) + 1
         end = min([b for b in boundaries if b > last], default=len(prose) + 1) - 1
@@ -436,8 +424,8 @@ def test_the_checker_catches_what_it_should(tmp_path):
         "[fine](other.md#setting-up-pipeline-demo-now) [gone](missing.md) [bad](other.md#nope) [self](#page)\n\n"
         "Measured somewhere:\n\n| run | AP |\n|---|---|\n| a | 1.0 |\n\n"
         "## Dated\n\nOn 2026-12-06, `pipeline demo --seed 0`:\n\n| step | seconds |\n| --- | ---: |\n| x | 3 |\n"
-        "\n## Numbers only\n\n| arm | result |\n|---|---|\n| a | 41.9 |\n| b | **+7.0** |\n"
-        "\n| variant | notes |\n|---|---|\n| tiny | for tests |\n"
+        "\n## Undated\n\n| arm | samples/s |\n|---|---|\n| a | 41.9 |\n| b | **+7.0** |\n"
+        "\n| variant | dropout |\n|---|---|\n| tiny | 0.1 |\n"
     )
     commands = command_problems(page)
     assert any(":4: `pipeline demo`" in p and "--no-such-flag" in p for p in commands), commands
