@@ -143,3 +143,11 @@ def test_train_student_regulariser_settings_build_the_student():
     for key in ("regularisers", "drop_path", "text_dropout", "fusion_dropout", "drop_block"):
         del saved["model"][key]
     assert TrainConfig.from_dict(saved).model.regulariser_settings() == Regularisers()
+
+
+def test_reference_image_formula_is_the_stored_image(reference_dir):
+    # The training references hold no image: they use the README's formula, as the forward ones.
+    from model.parity import reference_bgr
+
+    stored = np.load(reference_dir / "glip_t_c_reference.npz")["image_bgr_uint8"]
+    assert np.array_equal(reference_bgr(), stored)
