@@ -6,6 +6,7 @@ policy applied by a real `pipeline filter` run on the other 40 images."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.evaluation.calibrate import CalibrateConfig, run_calibrate
+from pipeline.evaluation.calibrate import CalibrateConfig, load_sample, run_calibrate
 from pipeline.evaluation.evaluate import load_gold, pseudo_predictions, score_boxes, xyxy_to_coco
-from pipeline.evaluation.policy_rating import names_category, positives_needed
+from pipeline.evaluation.policy_rating import THRESHOLDS, match_image, names_category, positives_needed, scope_counts
 from pipeline.io.labels_io import Box, DetectionRow, write_detections
-from pipeline.stages.filtering import FilterPolicy, apply_policy, load_policy_file
+from pipeline.stages.filtering import FilterPolicy, filter_row, load_policy_file
 from tests.pseudo_fixtures import COCO_IMAGES, write_shard
 
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
@@ -113,25 +114,56 @@ def test_policy_file_reaches_the_target_and_reproduces_apply_policy(world, calib
     assert calibration["sample"]["images"] == 40 and calibration["sample"]["kept_boxes"] >= 62
     # Phrase-aware matching also needs the right phrase: never above class-agnostic.
     assert calibration["by_match"]["phrase"]["precision"] <= calibration["by_match"]["agnostic"]["precision"]
-    # The one-pass curve equals `score_boxes` of what `apply_policy` keeps, at any threshold.
-    gold = load_gold(world / "sample.json")
+    # The one-pass curve equals `score_boxes` of what `filter` keeps, at any threshold.
+    curve = next(c for c in calibration["curves"] if c["nms"] == "all:0.5")
+    _assert_curve_is_the_filters(world, curve, FilterPolicy(nms_iou=0.5, nms_scope="all"), (0.3, 0.55))
+    assert (world / "pr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _assert_curve_is_the_filters(world: Path, curve: dict, policy: FilterPolicy, thresholds) -> None:
+    """The curve's class-agnostic precision and recall at `thresholds` are `score_boxes` of the
+    sample images' boxes that `filter_row` keeps with `policy` at that min_score."""
     from pipeline.io.labels_io import read_detections
 
+    gold = load_gold(world / "sample.json")
     rows = [row for shard in sorted((world / "pl" / "detections").glob("*.parquet")) for row in read_detections(str(shard))[0]]
     by_key = {row.key: row for row in rows}
-    curve = next(c for c in calibration["curves"] if c["nms"] == "all:0.5")
-    for threshold in (0.3, 0.55):
-        check = FilterPolicy(min_score=threshold, nms_iou=0.5, nms_scope="all")
+    for threshold in thresholds:
+        check = replace(policy, min_score=threshold)
         predictions = []
         for info in gold.dataset["images"]:
-            row = by_key[Path(info["file_name"]).stem]
-            for box in apply_policy(row.boxes, row.width, row.height, check) or []:
+            for box in filter_row(by_key[Path(info["file_name"]).stem], check) or []:
                 predictions.append({"image_id": info["id"], "category_id": 1, "bbox": xyxy_to_coco(box.bbox), "score": box.score})
         result = score_boxes(gold, predictions, class_agnostic=True)
         at = curve["min_score"].index(threshold)
         assert curve["agnostic_precision"][at] == pytest.approx(result.precision50, abs=1e-4)
         assert curve["agnostic_recall"][at] == pytest.approx(result.recall50, abs=1e-4)
-    assert (world / "pr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_assign_caption_is_rated_as_the_filter_applies_it(world, tmp_path):
+    # With caption assignment the objects above a threshold decide which phrase each takes, so
+    # no one pass gives the curve: each threshold is filtered again, exactly as `filter` will.
+    out = tmp_path / "policy.json"
+    result = CliRunner().invoke(
+        app, ["calibrate", str(world / "pl"), "--gold", str(world / "sample.json"), "--out", str(out), "--margin", "0.1",
+              "--assign", "caption"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "assign caption" in result.stdout
+    policy = load_policy_file(str(out))
+    assert policy.assign == "caption" and policy.min_score > 0
+    calibration = json.loads(out.read_text())["calibration"]
+    assert calibration["precision"] >= 0.8
+    curve = next(c for c in calibration["curves"] if c["nms"] == "all:0.5")
+    caption = FilterPolicy(nms_iou=0.5, nms_scope="all", assign="caption")
+    _assert_curve_is_the_filters(world, curve, caption, (0.25, policy.min_score, 0.61))
+    # ... and the one-pass shortcut would not have given it.
+    sample, _ = load_sample(CalibrateConfig(detections=str(world / "pl"), gold=str(world / "sample.json"), out=str(out)))
+    one_pass = scope_counts(
+        [match_image(image, replace(caption, min_score=-1.0), iou=0.5) for image in sample], scope="box", phrase=False,
+        thresholds=THRESHOLDS,
+    )
+    assert not np.allclose(one_pass.recall(), curve["agnostic_recall"], atol=1e-4)
 
 
 def test_filter_with_the_policy_lands_in_the_interval_on_the_rest(world, calibrated):

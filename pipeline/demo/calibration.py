@@ -3,9 +3,10 @@ part of the web split (a person would check that many images by hand), `pipeline
 every web image with the calibrated policy, and the precision it reaches on the other images,
 against the target and the interval the sample gave.
 
-A report section only: the student still trains on its preset's pseudo-labels. Everything is
-box scope, class-agnostic, IoU 0.5 (the presets' figures in the report use the same matching),
-and the presets are rated on the same held-out images beside the calibrated policy.
+With `--preset calibrated` (the default and large sizes' default) the student trains on the
+calibrated policy's labels. Everything is box scope, class-agnostic, IoU 0.5 (the presets'
+figures in the report use the same matching), and the presets are rated on the same held-out
+images beside the calibrated policy.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def calibrate_on_part(
 ) -> dict:
     """Calibrate on a sample of `web_gold`, filter `shards` with the policy into `out/filtered`,
     and rate it and each preset's output (`filtered`: name -> filter output folder) on the rest.
-    `assign` ("caption") is applied to the calibrated policy as to the presets (`--assign`); the
-    precision on the rest is measured on what that filter kept.
+    `assign` ("caption") is the filter's phrase matching (`--assign`), as for the presets:
+    calibrate rates its candidates with it and the policy file keeps it, so the precision on
+    the rest is measured on what the rated policy keeps.
 
     A calibration the sample cannot support is part of the result (`refused`: calibrate's own
     one-line reason), not an error: the small world's 4-step teacher reaches no target."""
@@ -67,14 +69,14 @@ def calibrate_on_part(
         calibration = run_calibrate(
             CalibrateConfig(
                 detections=detections, gold=str(sample), out=str(out / "policy.json"),
-                target_precision=settings.target_precision, margin=settings.margin, seed=seed,
+                target_precision=settings.target_precision, margin=settings.margin, seed=seed, assign=assign,
             )
         )
     except CalibrationError as error:
         return {**result, "refused": str(error), "rest": _rate_presets(rest, filtered)}
     measured = calibration["calibration"]
     folder = out / "filtered"
-    policy = load_policy_file(str(out / "policy.json")).with_overrides(assign=None if assign == "none" else assign)
+    policy = load_policy_file(str(out / "policy.json"))
     stats = run_filter(FilterConfig(inputs=(shards,), detections=detections, out=str(folder), policy=policy))
     on_rest = _rate(rest, str(folder / "pseudo"))
     low, high = measured["precision_interval"]

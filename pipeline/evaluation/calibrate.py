@@ -5,14 +5,16 @@ Inputs: the pseudo-label stage's `detections/{shard}.parquet` (every box above t
 a COCO file of gold boxes on some of the same web images (a sample key names a gold image by
 its id, leading zeros ignored, or by its file name's stem: `evaluate.gold_image_id`).
 
-For each NMS setting (`--nms`, default none, phrase:0.5, all:0.5, all:0.7) every sample image's
-boxes go through `filtering.apply_policy` once with no score floor, then are matched to the
-gold greedily by descending score at IoU 0.5 (`evaluate.greedy_matches`, the COCOeval rule),
-class-agnostic and phrase-aware (a box's phrase must name the gold box's category: the
-category's words appear in the phrase, the last one possibly plural: "two blue rings" names
-"ring"). Greedy NMS and greedy matching both go in score order, so the boxes and matches a
-policy with `min_score = t` keeps are those of this one pass scoring above t: one pass gives
-the whole precision/recall curve over thresholds 0.00, 0.01, ..., 0.99.
+The candidates are the policies `filter` would apply: for each NMS setting (`--nms`, default
+none, phrase:0.5, all:0.5, all:0.7) and each threshold 0.00, 0.01, ..., 0.99, with the
+phrase matching `filter --assign` will use (`--assign caption`: objects assigned to the
+caption's phrases jointly; default none). Every sample image's boxes go through the filter's
+own steps (`filtering.filter_row`), then are matched to the gold greedily by descending score
+at IoU 0.5 (`evaluate.greedy_matches`, the COCOeval rule), class-agnostic and phrase-aware (a
+box's phrase must name the gold box's category: the category's words appear in the phrase,
+the last one possibly plural: "two blue rings" names "ring"). Without assignment one pass with
+no floor gives the whole curve (`policy_rating.threshold_counts` says why); with it each
+threshold is filtered again.
 
 Scope `box`: precision = matched kept boxes / kept boxes, recall = matched gold boxes / gold
 boxes. Scope `image` (a pseudo-labelled image is one training sample): precision = kept images
@@ -52,15 +54,17 @@ from pipeline.evaluation.policy_rating import (
     Counts,
     Curve,
     SampleImage,
+    MATCHES,
     bootstrap_interval,
     match_image,
     nms_setting,
     positives_needed,
     scope_counts,
+    threshold_counts,
 )
 from pipeline.io import storage
 from pipeline.io.labels_io import DetectionRow, detections_folder, read_detection_keys, read_detections
-from pipeline.stages.filtering import FilterPolicy
+from pipeline.stages.filtering import FILTER_OPTIONS, FilterPolicy
 from pipeline.user_errors import user_errors
 
 STAGE = "calibrate"
@@ -81,6 +85,7 @@ class CalibrateConfig:
     scope: str = "box"  # "box" | "image"
     match: str = "agnostic"  # "agnostic" | "phrase": which matching the target is for
     nms: tuple[str, ...] = DEFAULT_NMS
+    assign: str = "none"  # the phrase matching `filter --assign` will apply: "none" | "caption"
     margin: float = 0.05  # the +- the sample must support on the target metric (95%)
     bootstrap: int = 1000
     confidence: float = 0.95
@@ -102,6 +107,8 @@ class CalibrateConfig:
             raise ValueError(f"--margin must be in (0, 0.5), got {self.margin}")
         for spec in self.nms:
             nms_setting(spec)
+        if self.assign not in ("none", "caption"):
+            raise ValueError(f"--assign must be 'none' or 'caption', got {self.assign!r}")
 
 
 def load_sample(config: CalibrateConfig, *, progress_stream: TextIO | None = None) -> tuple[list[SampleImage], dict[str, str]]:
@@ -195,10 +202,9 @@ def curves(sample: list[SampleImage], config: CalibrateConfig) -> list[Curve]:
     result = []
     for spec in config.nms:
         iou, nms_scope = nms_setting(spec)
-        unfloored = FilterPolicy(min_score=-1.0, nms_iou=iou, nms_scope=nms_scope, drop_empty=False)
-        matched = [match_image(image, unfloored, iou=config.iou) for image in sample]
-        agnostic = scope_counts(matched, scope=config.scope, phrase=False, thresholds=THRESHOLDS)
-        phrase = scope_counts(matched, scope=config.scope, phrase=True, thresholds=THRESHOLDS)
+        candidate = FilterPolicy(nms_iou=iou, nms_scope=nms_scope, drop_empty=False, assign=config.assign)
+        counts = threshold_counts(sample, candidate, iou=config.iou, scope=config.scope, thresholds=THRESHOLDS)
+        agnostic, phrase = counts["agnostic"], counts["phrase"]
         chosen = phrase if config.match == "phrase" else agnostic
         result.append(
             Curve(
@@ -242,13 +248,15 @@ def run_calibrate(config: CalibrateConfig, *, progress_stream: TextIO | None = N
     curve_list = curves(sample, config)
     c, t = choose(curve_list, config)
     iou, nms_scope = nms_setting(config.nms[c])
-    policy = FilterPolicy(name="calibrated", min_score=float(THRESHOLDS[t]), nms_iou=iou, nms_scope=nms_scope, drop_empty=True)
+    policy = FilterPolicy(
+        name="calibrated", min_score=float(THRESHOLDS[t]), nms_iou=iou, nms_scope=nms_scope, drop_empty=True, assign=config.assign
+    )
     # The chosen policy exactly as `filter` applies it: the numbers written are its own.
     matched = [match_image(image, policy, iou=config.iou) for image in sample]
     at_floor = np.asarray([-1.0])
     measures = {
         match: scope_counts(matched, scope=config.scope, phrase=match == "phrase", thresholds=at_floor)
-        for match in ("agnostic", "phrase")
+        for match in MATCHES
     }
     counts = measures[config.match]
     precision, recall = float(counts.precision()[0]), float(counts.recall()[0])
@@ -338,6 +346,7 @@ def calibrate_command(
     scope: str = typer.Option("box", "--scope", help="Unit of precision/recall: box or image."),
     match: str = typer.Option("agnostic", "--match", help="Target's matching: agnostic (boxes) or phrase (box and phrase)."),
     nms: list[str] = typer.Option(list(DEFAULT_NMS), "--nms", help="NMS settings to try: none, phrase:IOU, all:IOU (repeatable)."),
+    assign: Optional[str] = FILTER_OPTIONS["assign"],
     margin: float = typer.Option(0.05, "--margin", help="The +- (95%) the sample must support on the target metric."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples of the images."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
@@ -349,6 +358,8 @@ def calibrate_command(
 
     Then: pipeline filter shards/ --detections runs/pl --policy policy.json --out runs/filtered
 
+    Give calibrate the --assign the filter will use: the policy file keeps it, and the figures are those of that filter.
+
     Reads the stored detections only (no teacher runs).
 
     Refuses (exit 2) a sample that does not overlap the detections, gold images without detections, and a sample too small for the target.
@@ -356,7 +367,7 @@ def calibrate_command(
     config = CalibrateConfig(
         detections=detections, gold=gold, out=out,
         target_precision=target_precision if target_precision is not None or target_recall is not None else 0.8,
-        target_recall=target_recall, scope=scope, match=match, nms=tuple(nms), margin=margin, bootstrap=bootstrap,
+        target_recall=target_recall, scope=scope, match=match, nms=tuple(nms), assign=assign or "none", margin=margin, bootstrap=bootstrap,
         seed=seed, plot=plot,
     )
     result = run_calibrate(config)
@@ -366,7 +377,7 @@ def calibrate_command(
     low, high = calibration["precision_interval"]
     r_low, r_high = calibration["recall_interval"]
     print(
-        f"calibrate: min_score {policy['min_score']}, NMS {nms_text}: precision {calibration['precision']:.3f} "
+        f"calibrate: min_score {policy['min_score']}, NMS {nms_text}, assign {policy['assign']}: precision {calibration['precision']:.3f} "
         f"[{low:.3f}, {high:.3f}], recall {calibration['recall']:.3f} [{r_low:.3f}, {r_high:.3f}] "
         f"({calibration['target']['scope']} scope, {calibration['sample']['images']} images). Policy: {out}"
     )

@@ -1,25 +1,27 @@
 """Rating a filter policy on a checked gold sample: the measures `pipeline calibrate` searches
 over (its module doc gives the method).
 
-A sample image's boxes go through `filtering.apply_policy` and are matched to its gold boxes
-greedily by descending score (`evaluate.greedy_matches`, the COCOeval rule), class-agnostic and
-phrase-aware (`names_category`). `scope_counts` turns the matches into per-image counts at
-every score threshold; precision, recall and their bootstrap interval come from those counts.
+A sample image's boxes go through `filtering.filter_row` (the filter's own steps, `assign`
+included) and are matched to its gold boxes greedily by descending score
+(`evaluate.greedy_matches`, the COCOeval rule), class-agnostic and phrase-aware
+(`names_category`). `threshold_counts` turns the matches into per-image counts at every score
+threshold; precision, recall and their bootstrap interval come from those counts.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pipeline.evaluation.evaluate import greedy_matches, xyxy_to_coco
 from pipeline.io.labels_io import DetectionRow
-from pipeline.stages.filtering import FilterPolicy, apply_policy
+from pipeline.stages.filtering import FilterPolicy, filter_row
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate min_score values
+MATCHES = ("agnostic", "phrase")
 Z95 = 1.959964
 
 
@@ -71,8 +73,9 @@ class Matched:
 
 
 def match_image(image: SampleImage, policy: FilterPolicy, *, iou: float) -> Matched:
+    """The boxes `filter` keeps for the image under `policy`, matched to its gold."""
     row = image.row
-    kept = [] if row.error is not None else apply_policy(row.boxes or [], row.width, row.height, policy) or []
+    kept = filter_row(row, policy) or []
     predictions = [xyxy_to_coco(box.bbox) for box in kept]
     phrases = row.phrases or []
     allowed = np.asarray(
@@ -122,6 +125,42 @@ def scope_counts(matched: list[Matched], *, scope: str, phrase: bool, thresholds
         else:
             hits[i], kept[i], positives[i] = (n_kept > 0) & (n_hits == n_kept), n_kept > 0, image.gold > 0
     return Counts(hits=hits, kept=kept, positives=positives)
+
+
+def threshold_counts(
+    sample: list[SampleImage], policy: FilterPolicy, *, iou: float, scope: str, thresholds: np.ndarray
+) -> dict[str, Counts]:
+    """`Counts` of `policy` with `min_score` at each of `thresholds`, per matching (`MATCHES`).
+
+    Without caption assignment one pass with no floor gives every threshold: greedy NMS and
+    greedy matching both go in score order, so `min_score = t` keeps (and matches) the boxes of
+    that pass scoring above t. `assign="caption"` breaks that: which objects pass t changes the
+    assignment of the others to phrases (and so their boxes, phrases and NMS), so each image is
+    filtered again at each threshold, once per distinct set of boxes above it (a threshold
+    between two box scores keeps what the next lower one keeps)."""
+    if policy.assign == "none":
+        matched = [match_image(image, replace(policy, min_score=-1.0), iou=iou) for image in sample]
+        return {m: scope_counts(matched, scope=scope, phrase=m == "phrase", thresholds=thresholds) for m in MATCHES}
+    above = [np.sort([box.score for box in image.row.boxes or []])[::-1] for image in sample]
+    cache: dict[tuple[int, int], Matched] = {}
+    columns: dict[str, list[Counts]] = {m: [] for m in MATCHES}
+    for threshold in thresholds:
+        at_threshold = replace(policy, min_score=float(threshold))
+        matched = []
+        for i, image in enumerate(sample):
+            key = (i, int(np.searchsorted(-above[i], -threshold, side="left")))  # boxes scoring > threshold
+            if key not in cache:
+                cache[key] = match_image(image, at_threshold, iou=iou)
+            matched.append(cache[key])
+        for m in MATCHES:
+            columns[m].append(scope_counts(matched, scope=scope, phrase=m == "phrase", thresholds=np.asarray([-1.0])))
+    return {
+        m: Counts(
+            hits=np.concatenate([c.hits for c in cols], axis=1), kept=np.concatenate([c.kept for c in cols], axis=1),
+            positives=cols[0].positives,
+        )
+        for m, cols in columns.items()
+    }
 
 
 def positives_needed(target: float, margin: float) -> int:
