@@ -95,13 +95,17 @@ def reference_image(npz: Mapping[str, Any]) -> Tensor:
 
 def reference_text(npz: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     """(input_ids [1, 256], attention_mask [1, 256]) int64."""
-    return torch.from_numpy(np.asarray(npz["input_ids"]))[None], torch.from_numpy(np.asarray(npz["attention_mask"]))[None]
+    return _tensor(npz, "input_ids")[None], _tensor(npz, "attention_mask")[None]
 
 
 def reference_targets(npz: Mapping[str, Any]) -> list[dict[str, Tensor]]:
     """The training sample's targets as `GLIPLoss` takes them: boxes in the 640x480 frame and the
     binary positive map (what the official collator hands the loss)."""
-    return [{"boxes": torch.from_numpy(np.asarray(npz["gt_boxes"])), "positive_map": torch.from_numpy(np.asarray(npz["positive_map"]))}]
+    return [{"boxes": _tensor(npz, "gt_boxes"), "positive_map": _tensor(npz, "positive_map")}]
+
+
+def _tensor(npz: Mapping[str, Any], key: str) -> Tensor:
+    return torch.from_numpy(np.asarray(npz[key]))
 
 
 def _level_shapes(npz: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -116,18 +120,17 @@ def loss_comparisons(npz: Mapping[str, Any], summary: Mapping[str, Any]) -> list
     assignment and token targets (exact: the difference counts mismatching anchors), the loss
     terms and the gradients w.r.t. the head outputs."""
     shapes = _level_shapes(npz)
-    box_regression = [torch.from_numpy(np.asarray(npz[f"bbox_reg_P{p}"]))[None].requires_grad_() for p in LEVELS]
-    centerness = [torch.from_numpy(np.asarray(npz[f"centerness_P{p}"]))[None, None].requires_grad_() for p in LEVELS]
-    logits = [torch.from_numpy(np.asarray(npz[f"dot_logits_P{p}"]))[None].requires_grad_() for p in LEVELS]
-    anchors = torch.from_numpy(np.asarray(npz["anchors"])).split([h * w for h, w in shapes])
+    box_regression = [_tensor(npz, f"bbox_reg_P{p}")[None].requires_grad_() for p in LEVELS]  # [1, 4, H, W]
+    centerness = [_tensor(npz, f"centerness_P{p}")[None, None].requires_grad_() for p in LEVELS]  # [1, 1, H, W]
+    logits = [_tensor(npz, f"dot_logits_P{p}")[None].requires_grad_() for p in LEVELS]  # [1, HW, 256]
+    anchors = _tensor(npz, "anchors").split([h * w for h, w in shapes])
     _, text_mask = reference_text(npz)
     loss_fn = GLIPLoss()
     targets = reference_targets(npz)
     assigned = loss_fn.assign(anchors, targets, num_tokens=logits[0].shape[-1])
-    comparisons = [
-        Comparison("atss_assigned_gt", float((assigned.assigned != torch.from_numpy(np.asarray(npz["atss_assigned_gt"]))).sum())),
-        Comparison("token_targets", float((assigned.token_targets[0] != torch.from_numpy(np.asarray(npz["token_targets"])).float()).any(1).sum())),
-    ]
+    wrong_gt = assigned.assigned != _tensor(npz, "atss_assigned_gt")
+    wrong_tokens = (assigned.token_targets[0] != _tensor(npz, "token_targets").float()).any(1)
+    comparisons = [Comparison("atss_assigned_gt", float(wrong_gt.sum())), Comparison("token_targets", float(wrong_tokens.sum()))]
     losses = loss_fn(
         box_regression=box_regression, centerness=centerness, dot_product_logits=logits, anchors=anchors,
         targets=targets, text_mask=text_mask,
@@ -135,11 +138,11 @@ def loss_comparisons(npz: Mapping[str, Any], summary: Mapping[str, Any]) -> list
     comparisons += _loss_terms(losses, summary)
     total_loss(losses).backward()
     for index, p in enumerate(LEVELS):
-        comparisons.append(Comparison(f"grad_bbox_reg_P{p}", relative_difference(box_regression[index].grad[0], npz[f"grad_bbox_reg_P{p}"])))
-        comparisons.append(Comparison(f"grad_centerness_P{p}", relative_difference(centerness[index].grad[0, 0], npz[f"grad_centerness_P{p}"])))
-        comparisons.append(
-            Comparison(f"grad_dot_logits_P{p}", relative_difference(logits[index].grad[0, :, :16], npz[f"grad_dot_logits_P{p}_first16"]))
-        )
+        comparisons += [
+            Comparison(f"grad_bbox_reg_P{p}", relative_difference(box_regression[index].grad[0], npz[f"grad_bbox_reg_P{p}"])),
+            Comparison(f"grad_centerness_P{p}", relative_difference(centerness[index].grad[0, 0], npz[f"grad_centerness_P{p}"])),
+            Comparison(f"grad_dot_logits_P{p}", relative_difference(logits[index].grad[0, :, :16], npz[f"grad_dot_logits_P{p}_first16"])),
+        ]
     return comparisons
 
 
