@@ -34,6 +34,12 @@ def first_line(error: BaseException) -> str:
     return lines[0]
 
 
+class RunAborted(RuntimeError):
+    """The run cannot go on for a reason outside the user's input (every worker node of the
+    cluster gone): what it finished is kept. Every verb prints it as one `error:` line and
+    exits with code 1."""
+
+
 def fail(message: str) -> typer.Exit:
     """Print `error: message` on stderr; returns the exit-code-2 exception to raise."""
     print(f"error: {message}", file=sys.stderr)
@@ -51,6 +57,9 @@ def user_errors(*kinds: type[BaseException]) -> Callable[[Command], Command]:
                 return command(*args, **kwargs)
             except kinds as error:
                 raise fail(first_line(error)) from None
+            except RunAborted as error:
+                print(f"error: {first_line(error)}", file=sys.stderr)
+                raise typer.Exit(code=1) from None
 
         return wrapper  # type: ignore[return-value]
 
