@@ -38,6 +38,7 @@ from pipeline.io.progress import ProgressReporter
 from pipeline.io.shard_report import ShardReport, ShardTask
 from pipeline.io.shards import ShardSource
 from pipeline.io.stage_stats import StageStats, write_stats
+from pipeline.stages.cluster_events import ClusterWatch, StartNotifier
 
 ShardWorker = Callable[[ShardTask], ShardReport]
 
@@ -117,6 +118,7 @@ def run_stage(
         stage=run.stage, inputs=inputs, out=run.out, total_shards=len(shards), settings=settings, versions=versions
     )
     workers = 0
+    cluster: dict[str, object] | None = None
     startup_seconds: float | None = None
     started_at = finished_at = time.perf_counter()
     if plan.pending:
@@ -132,23 +134,35 @@ def run_stage(
             progress = ProgressReporter(stage=run.stage, total_shards=len(plan.pending), stream=progress_stream)
             tasks = {task.shard_id: task for task in plan.pending}
             attempt_tasks = list(plan.pending)
-            for attempt in range(1, run.retries + 2):
-                retry = []
-                for report in run_on_ray(attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory):
-                    if startup_seconds is None:
-                        # The first shard began `report.seconds` before it came back: what precedes
-                        # that is actor start-up (process spawn, model load), not throughput.
-                        startup_seconds = max(0.0, time.perf_counter() - report.seconds - started_at)
-                    if report.error is not None and attempt <= run.retries:
-                        retry.append(tasks[report.shard_id])
-                        continue
-                    if report.error is not None:
-                        report.error = f"{report.error} (failed {attempt} attempts)"
-                    stats.add(report)
-                    progress.update(report)
-                if not retry:
-                    break
-                attempt_tasks = retry
+            # Lost nodes and workers, said as they happen and counted in `_stats.json`.
+            watch = ClusterWatch(
+                stage=run.stage, need_cpus=run.num_cpus, need_gpus=run.num_gpus, stream=progress_stream,
+                cleanup=(run.out, markers),
+            )
+            with watch:
+                for attempt in range(1, run.retries + 2):
+                    retry = []
+                    watch.submitting(task.shard_id for task in attempt_tasks)
+                    reports = run_on_ray(
+                        attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory,
+                        ledger=watch.ledger,
+                    )
+                    for report in watch.follow(reports):
+                        if startup_seconds is None:
+                            # The first shard began `report.seconds` before it came back: what precedes
+                            # that is actor start-up (process spawn, model load), not throughput.
+                            startup_seconds = max(0.0, time.perf_counter() - report.seconds - started_at)
+                        if report.error is not None and attempt <= run.retries:
+                            retry.append(tasks[report.shard_id])
+                            continue
+                        if report.error is not None:
+                            report.error = f"{report.error} (failed {attempt} attempts)"
+                        stats.add(report)
+                        progress.update(report)
+                    if not retry:
+                        break
+                    attempt_tasks = retry
+            cluster = watch.summary()
             finished_at = time.perf_counter()  # before Ray shuts down: not throughput either
         finally:
             shutdown_ray(started)
@@ -156,14 +170,17 @@ def run_stage(
     for report in _read_reports(plan.done, read_done_report):
         stats.add(report, earlier_run=True)
     result = stats.to_dict(seconds=seconds, workers=workers, startup_seconds=startup_seconds or 0.0)
+    if cluster is not None:
+        result["cluster"] = cluster
     write_stats(run.out, result)
     return result
 
 
 def run_on_ray(
-    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker]
+    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker], ledger=None
 ) -> Iterator[ShardReport]:
-    """Reports of `tasks` processed by `workers` Ray Data actors, in completion order."""
+    """Reports of `tasks` processed by `workers` Ray Data actors, in completion order; each
+    actor tells `ledger` (a `cluster_events.ShardLedger` actor, optional) the shards it starts."""
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -172,7 +189,7 @@ def run_on_ray(
     dataset = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
     reports = dataset.map_batches(
         ShardActor,
-        fn_constructor_kwargs={"worker_factory": worker_factory},
+        fn_constructor_kwargs={"worker_factory": worker_factory, "ledger": ledger},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -186,12 +203,17 @@ def run_on_ray(
 class ShardActor:
     """Ray Data callable class: builds the stage's worker once, then runs one shard per row."""
 
-    def __init__(self, *, worker_factory: Callable[[], ShardWorker]) -> None:
+    def __init__(self, *, worker_factory: Callable[[], ShardWorker], ledger=None) -> None:
         self.worker = worker_factory()
+        self.starts = StartNotifier(ledger)
 
     def __call__(self, batch: dict[str, object]) -> dict[str, list[str]]:
         tasks = [ShardTask.from_json(str(text)) for text in batch["task"]]  # type: ignore[union-attr]
-        return {"report": [run_shard(self.worker, task).to_json() for task in tasks]}
+        reports = []
+        for task in tasks:
+            self.starts.started(task.shard_id)
+            reports.append(run_shard(self.worker, task).to_json())
+        return {"report": reports}
 
 
 def run_shard(worker: ShardWorker, task: ShardTask) -> ShardReport:
