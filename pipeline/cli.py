@@ -19,6 +19,7 @@ from pipeline.evaluation.ground import ground
 from pipeline.stages.decontaminate import decontaminate_command
 from pipeline.stages.filter_stage import filter_command
 from pipeline.stages.inspect_labels import export_command, show_command, stats_command
+from pipeline.stages.pack import pack_command
 from pipeline.stages.parse_captions import parse_captions_command
 from pipeline.stages.pseudo_label import pseudo_label_command
 from pipeline.train.student import train_student
@@ -32,6 +33,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    app.command("pack")(pack_command)
     app.command("parse-captions")(parse_captions_command)
     app.command("ground")(ground)
     app.command("pseudo-label")(pseudo_label_command)

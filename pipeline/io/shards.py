@@ -98,7 +98,11 @@ def discover_shards(inputs: Sequence[str]) -> list[ShardSource]:
     """
     shards = []
     seen: dict[str, str] = {}
-    for uri in storage.expand_inputs(inputs, suffixes=SHARD_SUFFIXES):
+    try:
+        uris = storage.expand_inputs(inputs, suffixes=SHARD_SUFFIXES)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}{_pack_hint(inputs)}") from None
+    for uri in uris:
         shard_id = shard_id_of(uri)
         if shard_id in seen:
             raise ValueError(f"two input shards have the same id {shard_id!r}: {seen[shard_id]} and {uri}")
@@ -106,6 +110,18 @@ def discover_shards(inputs: Sequence[str]) -> list[ShardSource]:
         kind = "parquet" if uri.endswith(PARQUET_SUFFIXES) else "webdataset"
         shards.append(ShardSource(uri=uri, shard_id=shard_id, kind=kind))
     return shards
+
+
+def _pack_hint(inputs: Sequence[str]) -> str:
+    """What to do with a folder of images given where shards are expected."""
+    from pipeline.io.images import IMAGE_EXTENSIONS
+
+    for item in inputs:
+        if storage.is_dir(item) and any(
+            name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for name in storage.list_names(item)
+        ):
+            return f": pack images with `pipeline pack {item} --out SHARDS`"
+    return ""
 
 
 def read_caption_records(

@@ -263,9 +263,15 @@ def read_done_report(task: ShardTask, *, out: str) -> ShardReport:
 def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | None = None) -> dict[str, object]:
     """Run the stage; returns the `_stats.json` dict. An unwritable `--out` raises before the
     teacher is read (`storage.UnwritableOutput`)."""
-    shards = [s for s in discover_shards(config.inputs) if s.kind == "webdataset"]
+    found = discover_shards(config.inputs)
+    shards = [s for s in found if s.kind == "webdataset"]
     if not shards:
-        raise FileNotFoundError(f"no WebDataset .tar shards in {list(config.inputs)}")
+        # The Parquet inputs parse-captions reads hold captions; the images must come as tars.
+        parquet = found[0].uri if found else "FILE.parquet"
+        raise FileNotFoundError(
+            f"no WebDataset .tar shards in {list(config.inputs)}: pseudo-label reads images from tars; "
+            f"pack a Parquet of image bytes or paths with `pipeline pack {parquet} --out SHARDS`"
+        )
     storage.ensure_writable_folder(config.out)
     if not storage.is_dir(config.phrases):
         raise FileNotFoundError(f"--phrases {config.phrases}: folder not found (the parse-captions output)")
