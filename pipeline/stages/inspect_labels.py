@@ -6,10 +6,15 @@ tars, or tar files) and `DIR/_stats.json`.
 
 - `show DIR --out GALLERY [--n 64]`: the first N samples drawn with their boxes, phrase and
   score, as PNGs, plus `index.html`, a grid with each image's caption and regions.
-- `export DIR --format coco|odvg --out FILE`: COCO detection JSON (one category per distinct
-  phrase head, the phrase's last word, or per phrase with `--category phrase`; image ids by
-  order, `file_name` = `{key}.{ext}` as in the tars; scores kept on annotations) or ODVG JSONL
-  (one line per sample: filename, height, width, grounding {caption, regions}).
+- `export DIR --format coco|odvg --out FILE [--images-out IMAGES]`: COCO detection JSON (one
+  category per distinct phrase head, the phrase's last word, or per phrase with `--category
+  phrase`; image ids by order; scores kept on annotations) or ODVG JSONL (one line per sample:
+  filename, height, width, grounding {caption, regions with bbox xyxy, phrase,
+  tokens_positive}, the fields MMDetection's `ODVGDataset` reads). The images the labels
+  name are written, as the tars hold them, to IMAGES (default `{FILE's stem}_images/` beside
+  FILE), and `file_name`/`filename` is their path relative to FILE's folder: point a COCO
+  loader's image root, or MMDetection's `data_root` (with `data_prefix=dict(img='')`), at
+  FILE's folder. `--no-images` writes the labels alone (`file_name` = `{key}.{ext}`).
 - `stats DIR`: stage, shards, samples, written, skip reasons with example keys, throughput.
 """
 
@@ -18,9 +23,11 @@ from __future__ import annotations
 import html
 import io
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import typer
 from PIL import Image, ImageDraw
@@ -101,10 +108,32 @@ def phrase_head(phrase: str) -> str:
     return words[-1] if words else phrase.lower()
 
 
-def to_coco(location: str, *, category: str = "head") -> dict:
+ImageSink = Callable[[str, str, bytes], str]  # (key, ext, bytes) -> the file name the labels give
+
+
+def label_names_only(key: str, ext: str, _: bytes) -> str:
+    """`{key}.{ext}` as in the tars, with no image written."""
+    return f"{key}.{ext}"
+
+
+def image_writer(images_out: Path, *, relative_to: Path) -> ImageSink:
+    """Writes each image (the tar's bytes) to `images_out/{key}.{ext}`; returns its path relative
+    to `relative_to` (the labels file's folder) with "/" separators."""
+    prefix = Path(os.path.relpath(images_out.absolute(), relative_to.absolute())).as_posix()
+
+    def write(key: str, ext: str, data: bytes) -> str:
+        name = f"{key}.{ext}"
+        storage.write_atomic(str(images_out / name), data)
+        return name if prefix == "." else f"{prefix}/{name}"
+
+    return write
+
+
+def to_coco(location: str, *, category: str = "head", images_sink: ImageSink = label_names_only) -> dict:
     images, annotations, categories = [], [], {}
-    for image_id, (key, ext, _, sample) in enumerate(iter_samples(location), start=1):
-        images.append({"id": image_id, "file_name": f"{key}.{ext}", "width": sample["width"], "height": sample["height"], "key": key})
+    for image_id, (key, ext, data, sample) in enumerate(iter_samples(location), start=1):
+        file_name = images_sink(key, ext, data)
+        images.append({"id": image_id, "file_name": file_name, "width": sample["width"], "height": sample["height"], "key": key})
         for region in sample["grounding"]["regions"]:
             name = phrase_head(region["phrase"]) if category == "head" else region["phrase"]
             category_id = categories.setdefault(name, len(categories) + 1)
@@ -120,9 +149,10 @@ def to_coco(location: str, *, category: str = "head") -> dict:
     }
 
 
-def to_odvg(location: str) -> Iterator[dict]:
-    for key, ext, _, sample in iter_samples(location):
-        yield {"filename": f"{key}.{ext}", "height": sample["height"], "width": sample["width"], "grounding": sample["grounding"]}
+def to_odvg(location: str, *, images_sink: ImageSink = label_names_only) -> Iterator[dict]:
+    for key, ext, data, sample in iter_samples(location):
+        filename = images_sink(key, ext, data)
+        yield {"filename": filename, "height": sample["height"], "width": sample["width"], "grounding": sample["grounding"]}
 
 
 def stats_table(stats: dict) -> str:
@@ -162,23 +192,32 @@ def export_command(
     format: str = typer.Option(..., "--format", help="coco or odvg."),
     out: Path = typer.Option(..., "--out", help="Output file (.json for coco, .jsonl for odvg)."),
     category: str = typer.Option("head", "--category", help="coco: one category per phrase 'head' or per 'phrase'."),
+    images_out: Optional[Path] = typer.Option(
+        None, "--images-out", help="Folder for the labelled images (default: {out stem}_images/ beside --out)."
+    ),
+    images: bool = typer.Option(True, "--images/--no-images", help="Write the images (--no-images: labels only)."),
 ) -> None:
-    """Export pseudo-labels as COCO detection JSON or ODVG JSONL."""
+    """Export pseudo-labels as COCO detection JSON or ODVG JSONL, with the images they name."""
     if format not in ("coco", "odvg") or category not in ("head", "phrase"):
         raise typer.BadParameter("--format must be coco or odvg, --category head or phrase")
     storage.ensure_writable_folder(str(out.absolute().parent))
+    sink = label_names_only
+    if images:
+        images_out = images_out or out.with_name(f"{out.stem}_images")
+        storage.ensure_writable_folder(str(images_out.absolute()), option="--images-out")
+        sink = image_writer(images_out, relative_to=out.absolute().parent)
     buffer = io.StringIO()
     if format == "coco":
-        data = to_coco(location, category=category)
+        data = to_coco(location, category=category, images_sink=sink)
         json.dump(data, buffer)
         count = len(data["images"])
     else:
         count = 0
-        for line in to_odvg(location):
+        for line in to_odvg(location, images_sink=sink):
             buffer.write(json.dumps(line) + "\n")
             count += 1
     storage.write_atomic(str(out), buffer.getvalue().encode("utf-8"))
-    print(f"export: {count} samples -> {out}")
+    print(f"export: {count} samples -> {out}" + (f", images in {images_out}" if images else ""))
 
 
 @user_errors(FileNotFoundError)
