@@ -3,7 +3,10 @@
 Three modes, all on one spaCy pipeline (`nlp.pipeline_loader`):
 
 * `noun-chunks` (default): spaCy's English noun chunks (GRIT's first step in Kosmos-2,
-  Florence-2's phrase source), cleaned by the switches of `ExtractorSettings`.
+  Florence-2's phrase source), cleaned by the switches of `ExtractorSettings`. A caption
+  that opens with a capitalised common noun no chunk covers ("Cyclist crossing a bridge":
+  the small model reads "Cyclist" as an adjective) is parsed a second time with that letter
+  in lower case, and the chunk found there at the caption's start is kept (`recase_initial`).
 * `glip`: GLIP's own demo grammar `NP: {<DT>?<JJ.*>*<NN.*>+}` (`run_ner` in the official
   `predictor_glip.py`) applied to spaCy's fine-grained (Penn Treebank) tags instead of
   NLTK's, whose tagger data cannot be installed here. Like GLIP, the caption is lower-cased
@@ -44,6 +47,7 @@ _NOT_EXPANDED = frozenset({"cc", "conj", "punct", "appos", "preconj"})
 # Penn tags -> one letter, so the GLIP grammar becomes a plain regular expression.
 _GLIP_TAG_CODE = {"DT": "D", "JJ": "J", "JJR": "J", "JJS": "J", "NN": "N", "NNS": "N", "NNP": "N", "NNPS": "N"}
 _GLIP_GRAMMAR = re.compile(r"D?J*N+")
+_ARTICLE = "the "  # put back before a headline-style caption's bare first noun (`_recased`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,7 @@ class ExtractorSettings:
     max_phrases: int | None = 32  # cap per caption, first ones in caption order kept
     ngram_max: int = 3  # `ngrams` mode: longest n-gram in words (OWL-ST used 10)
     glip_lowercase: bool = True  # `glip` mode: tag the lower-cased caption, as GLIP's run_ner does
+    recase_initial: bool = True  # `noun-chunks` mode: re-parse an uncovered capitalised first word in lower case
     spans_into: Literal["cleaned", "source"] = "cleaned"  # which string `caption` and the spans are
 
     def __post_init__(self) -> None:
@@ -109,7 +114,7 @@ class ExtractorSettings:
         """Defaults of `mode` (see the class docstring), then `overrides`."""
         defaults: dict[str, object] = {"mode": mode}
         if mode in ("glip", "ngrams"):
-            defaults.update(drop_non_visual=False, drop_pronouns=False)
+            defaults.update(drop_non_visual=False, drop_pronouns=False, recase_initial=False)
         if mode == "ngrams":
             defaults.update(max_phrases=256)
         defaults.update(overrides)
@@ -183,17 +188,52 @@ class PhraseExtractor:
         if not texts:
             return spans, failures
         try:
-            for text, doc in zip(texts, self._pipe(texts)):
-                spans[text] = self._spans_of_doc(doc)
+            spans.update(self._parse(texts))
         except Exception:  # noqa: BLE001 - one bad caption must not sink the batch: retry one by one
             for text in texts:
-                if text in spans:
-                    continue
                 try:
-                    spans[text] = self._spans_of_doc(next(iter(self._pipe([text]))))
+                    spans.update(self._parse([text]))
                 except Exception as error:  # noqa: BLE001
                     failures[text] = f"{PARSE_FAILED}: {type(error).__name__}"
         return spans, failures
+
+    def _parse(self, texts: list[str]) -> dict[str, list[tuple[int, int]]]:
+        """Phrase spans of each text: one `nlp.pipe` pass, then a second pass over the few
+        texts whose capitalised first word the first parse left outside every noun chunk."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        recase: dict[str, list[tuple[int, int]]] = {}
+        recasing = self.settings.mode == "noun-chunks" and self.settings.recase_initial
+        for text, doc in zip(texts, self._pipe(texts)):
+            candidates = self._candidate_spans(doc)
+            if recasing and _uncovered_capitalised_start(doc):
+                recase[text] = candidates
+            else:
+                spans[text] = self._finish(text, candidates)
+        if recase:
+            spans.update(self._recased(recase))
+        return spans
+
+    def _recased(self, first_spans: dict[str, list[tuple[int, int]]]) -> dict[str, list[tuple[int, int]]]:
+        """Spans of texts whose first word the first parse left out (`_uncovered_capitalised_start`),
+        given their first-parse spans: parsed again with the first letter in lower case, and where
+        that parse reads the word as a noun but still chunks nothing there ("cyclist crossing a
+        bridge" makes "cyclist crossing" a compound), once more with the article a headline-style
+        caption drops ("the cyclist crossing a bridge"). Each adds its initial chunk, if any."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        with_article: dict[str, list[tuple[int, int]]] = {}
+        lowered = {text: _lower_same_length(text[:1]) + text[1:] for text in first_spans}
+        for (text, candidates), doc in zip(first_spans.items(), self._pipe(list(lowered.values()))):
+            initial = self._noun_chunk_spans(doc, chunks=[c for c in doc.noun_chunks if _is_initial_common_noun(c)])
+            if not initial and doc[0].pos_ == "NOUN":
+                with_article[text] = candidates
+            else:
+                spans[text] = self._finish(text, _with_initial(candidates, initial))
+        shift = len(_ARTICLE)
+        for (text, candidates), doc in zip(with_article.items(), self._pipe([_ARTICLE + lowered[t] for t in with_article])):
+            chunks = [doc[1 : c.end] for c in doc.noun_chunks if c.start <= 1 < c.end and c.root.pos_ == "NOUN"]
+            initial = [(max(0, start - shift), end - shift) for start, end in self._noun_chunk_spans(doc, chunks=chunks)]
+            spans[text] = self._finish(text, _with_initial(candidates, initial))
+        return spans
 
     def _pipe(self, texts: list[str]) -> Iterable[Doc]:
         mode = self.settings.mode
@@ -204,27 +244,30 @@ class PhraseExtractor:
         # n_process=1: callers parallelise across processes (Ray actors), never inside one.
         return self.nlp.pipe(texts, batch_size=self.batch_size, n_process=1)
 
-    def _spans_of_doc(self, doc: Doc) -> list[tuple[int, int]]:
+    def _candidate_spans(self, doc: Doc) -> list[tuple[int, int]]:
         mode = self.settings.mode
         if mode == "noun-chunks":
-            candidates = self._noun_chunk_spans(doc)
-        elif mode == "glip":
-            candidates = self._glip_spans(doc)
-        else:
-            candidates = self._ngram_spans(doc)
+            return self._noun_chunk_spans(doc)
+        if mode == "glip":
+            return self._glip_spans(doc)
+        return self._ngram_spans(doc)
+
+    def _finish(self, text: str, candidates: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Candidate spans of `text` in caption order, deduplicated and capped."""
         # Identical spans are never emitted twice (GLIP's run_ner re-finds every phrase text in the
         # caption and so reports "a dog" twice per occurrence when the caption repeats it).
         spans = sorted(set(candidates))
         if self.settings.dedupe_text:
-            spans = _first_of_each_text(doc.text, spans)
+            spans = _first_of_each_text(text, spans)
         if self.settings.max_phrases is not None:
             spans = spans[: self.settings.max_phrases]
         return spans
 
-    def _noun_chunk_spans(self, doc: Doc) -> list[tuple[int, int]]:
+    def _noun_chunk_spans(self, doc: Doc, *, chunks: Iterable[Span] | None = None) -> list[tuple[int, int]]:
+        """Spans of `chunks` (default: every noun chunk of `doc`) that pass the filters."""
         settings = self.settings
         spans: list[tuple[int, int]] = []
-        for chunk in doc.noun_chunks:
+        for chunk in doc.noun_chunks if chunks is None else chunks:
             root = chunk.root
             if settings.drop_pronouns and root.pos_ == "PRON":
                 continue
@@ -299,6 +342,47 @@ def _lower_same_length(text: str) -> str:
     if len(lowered) == len(text):
         return lowered
     return "".join(char.lower() if len(char.lower()) == 1 else char for char in text)
+
+
+def _uncovered_capitalised_start(doc: Doc) -> bool:
+    """True when `doc` opens with a capitalised word ("Cyclist"; not "A", "USA" or "iPhone")
+    that no noun chunk covers, followed by a lower-case word or by no word at all.
+
+    The small English model often reads such a caption-initial common noun as an adjective,
+    adverb or verb ("Cyclist crossing a bridge", "Golden retriever in the snow"): in its
+    training text a capital there says little. A capitalised second word marks a title or a
+    name ("Barack Obama speaking", "Owl On Tree Wall Sticker"), which stays as first parsed.
+    """
+    if not len(doc):
+        return False
+    first = doc[0]
+    word = first.text
+    if first.is_stop or not (first.is_alpha and len(word) > 1 and word[0].isupper() and word[1:].islower()):
+        return False
+    if len(doc) > 1 and doc[1].is_alpha and not doc[1].text.islower():
+        return False
+    return not any(chunk.start == 0 for chunk in doc.noun_chunks)
+
+
+def _is_initial_common_noun(chunk: Span) -> bool:
+    """A chunk of the lower-cased re-parse that starts the caption and is headed by a common
+    noun: NOUN, or PROPN on a lower-case word after the first (a tagging slip: "golden
+    retriever"). A re-parse that still reads a proper name ("vissla 7 Seas") adds nothing."""
+    root = chunk.root
+    if chunk.start != 0:
+        return False
+    return root.pos_ == "NOUN" or (root.pos_ == "PROPN" and root.i > 0 and root.text.islower())
+
+
+def _with_initial(spans: list[tuple[int, int]], initial: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`spans` plus the re-parse's `initial` spans, which replace the spans they contain; where
+    the two parses disagree on a boundary (spans that cross), the first parse stands."""
+    if not initial:
+        return spans
+    kept = [span for span in spans if not any(new[0] <= span[0] and span[1] <= new[1] for new in initial)]
+    if any(span[0] < new[1] and new[0] < span[1] for span in kept for new in initial):
+        return spans
+    return kept + initial
 
 
 def _first_of_each_text(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

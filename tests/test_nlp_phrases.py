@@ -94,6 +94,56 @@ def test_noun_chunks_on_known_coco_captions(nlp) -> None:
     assert_spans_slice_back(results)
 
 
+# Headline-style captions whose first word is a bare common noun; (caption, phrase at the start).
+CAPTION_INITIAL_NOUNS = [
+    ("Cyclist crossing a bridge", "Cyclist"),  # the small model reads "Cyclist" as an adjective
+    ("Golden retriever in the snow", "Golden retriever"),  # "retriever" as an adverb
+    ("Motorcyclist on chromed motorcycle rounding a curve roadway.", "Motorcyclist"),  # COCO val2017
+    ("Small kitten sitting on top of a wooden crate.", "Small kitten"),  # COCO val2017
+    ("Boy blowing out birthday candles", "Boy"),  # "Boy" as an interjection
+    ("Sign in the snow that warns mountain goers.", "Sign"),  # COCO val2017; "Sign" as a verb
+    ("Young woman with an umbrella", "Young woman"),
+    ("Bowl of soup", "Bowl"),
+]
+
+
+@pytest.mark.parametrize(("caption", "initial"), CAPTION_INITIAL_NOUNS)
+def test_a_capitalised_bare_noun_that_opens_the_caption_is_kept(nlp, caption: str, initial: str) -> None:
+    result = extractor(nlp).extract(caption)
+    assert texts(result)[0] == initial
+    assert result.phrases[0].start == 0 and result.caption == caption  # spans index the caption as given
+    assert_spans_slice_back([result])
+
+
+def test_recase_initial_adds_only_the_first_phrase_and_can_be_switched_off(nlp) -> None:
+    captions = [caption for caption, _ in CAPTION_INITIAL_NOUNS[:6]]
+    off = extractor(nlp, recase_initial=False).extract_batch(captions)
+    on = extractor(nlp).extract_batch(captions)
+    for (_, initial), without, with_ in zip(CAPTION_INITIAL_NOUNS, off, on):
+        assert initial not in texts(without)  # what the first parse alone misses
+        assert texts(with_) == [initial] + [text for text in texts(without) if not initial.endswith(text)]
+    # GRIT's expansion grows the recovered chunk like any other.
+    assert texts(extractor(nlp, expand_referring=True).extract("Cyclist crossing a bridge")) == ["Cyclist crossing a bridge"]
+    assert json.loads(extractor(nlp).settings_metadata()["extractor_settings"])["recase_initial"] is True
+    assert ExtractorSettings.for_mode("glip").recase_initial is False
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("Barack Obama speaking at the White House", ["Barack Obama", "the White House"]),  # a name stays as parsed
+        ("Looking up at elephants in an enclosure", ["elephants", "an enclosure"]),  # a verb stays a verb
+        ("Close up of a bunch of bananas", ["bananas"]),
+        ("Shop our featured flooring in the catalog", ["our featured flooring", "the catalog"]),  # an imperative
+        ("Picture of a dog on a beach", ["a dog", "a beach"]),  # recovered, then dropped as non-visual
+        ("Vissla 7 Seas short sleeve wetsuit", ["Vissla 7 Seas short sleeve wetsuit"]),  # a brand
+        ("Running in the rain", ["the rain"]),
+    ],
+)
+def test_caption_initial_words_that_are_no_groundable_noun_stay_out(nlp, caption: str, expected: list[str]) -> None:
+    assert texts(extractor(nlp).extract(caption)) == expected
+
+
 def test_glip_grammar_on_spacy_tags(nlp) -> None:
     glip = extractor(nlp, "glip")
     results = glip.extract_batch(
