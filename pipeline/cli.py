@@ -33,6 +33,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    app.callback()(_options)
     app.command("pack")(pack_command)
     app.command("parse-captions")(parse_captions_command)
     app.command("ground")(ground)
@@ -50,6 +51,16 @@ def build_app() -> typer.Typer:
     app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit_command)
     app.add_typer(job_app, name="job")
     return app
+
+
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own log lines on the terminal (also GLIP_VERBOSE=1)."),
+) -> None:
+    """GLIP self-training data engine: parse captions, pseudo-label, filter, train a student."""
+    if verbose:
+        from pipeline.run_log import set_verbose
+
+        set_verbose()
 
 
 app = build_app()

@@ -11,6 +11,11 @@ A cluster is joined only when asked: `init_ray("ray://...")` or `init_ray("10.0.
 (the `--address` option), or `RAY_ADDRESS` in the environment (a stage running as a Ray job),
 whose own configuration then applies.
 
+What reaches the terminal (`pipeline.run_log`): by default Ray's own log lines go to the run's
+log file and an embedded Ray does not forward its workers' output (`log_to_driver=False`);
+`--verbose` or GLIP_VERBOSE=1 keeps Ray's defaults. A joined cluster forwards its workers'
+output as Ray does (our training progress comes through it there).
+
 Ray is imported here and in stage drivers only, never in `nlp/` or `model/`.
 """
 
@@ -40,6 +45,7 @@ class _Embedded:
 
 
 _embedded: _Embedded | None = None
+_forwarding: bool | None = None  # log_to_driver of the Ray init_ray started (None: not ours)
 
 
 def init_ray(
@@ -48,32 +54,47 @@ def init_ray(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     include_dashboard: bool = False,
-    log_to_driver: bool = True,
+    log_to_driver: bool | None = None,
 ) -> bool:
     """Start embedded Ray (address None) or connect to `address`; True when this call started it.
 
     A Ray already initialised in this process is reused as is (returns False), so tests can
     share one module-scoped cluster across stage runs. `num_cpus`/`num_gpus` size the
     embedded cluster only (a joined cluster has its own resources). Callers that get True
-    should call `shutdown_ray(True)` when done.
+    should call `shutdown_ray(True)` when done. `log_to_driver` None: workers' output is
+    forwarded with --verbose or on a joined cluster only (`pipeline.run_log`).
     """
     import ray
 
+    from pipeline import run_log
+
+    global _forwarding
     if ray.is_initialized():
         return False
     _forget_embedded()  # a previous embedded Ray shut down with a bare ray.shutdown()
     # Inside a job submitted with `pipeline submit` (Ray Jobs API), RAY_ADDRESS names the
     # cluster the job runs on: join it instead of starting an embedded one.
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
-        return True
-    for name, value in EMBEDDED_ENV.items():
-        os.environ.setdefault(name, value)
-    _start_embedded(
-        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver
-    )
+    forward = log_to_driver if log_to_driver is not None else bool(address) or run_log.verbose()
+    run_log.quiet_ray()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=forward, configure_logging=False)
+        else:
+            for name, value in EMBEDDED_ENV.items():
+                os.environ.setdefault(name, value)
+            _start_embedded(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, log_to_driver=forward)
+    except BaseException:
+        run_log.restore()
+        raise
+    _forwarding = forward
     return True
+
+
+def worker_output_forwarded() -> bool | None:
+    """Whether the running Ray forwards its workers' stdout/stderr here (None: not started by
+    `init_ray`, so Ray's default, forwarded)."""
+    return _forwarding
 
 
 def _start_embedded(*, num_cpus: int | None, num_gpus: int | None, include_dashboard: bool, log_to_driver: bool) -> None:
@@ -139,11 +160,28 @@ def _forget_embedded() -> None:
 
 def shutdown_ray(started: bool) -> None:
     """`ray.shutdown()` when `started` (the value `init_ray` returned), else nothing."""
+    global _forwarding
     if started:
         import ray
 
+        from pipeline import run_log
+
+        # Worker output this terminal did not get (log_to_driver=False) lives in the session's
+        # logs, which go with the temp root: the run's log file keeps it.
+        logs = _session_logs() if _forwarding is False and _embedded is not None else None
         ray.shutdown()
+        if logs is not None:
+            run_log.append_worker_output(logs)
         _forget_embedded()
+        _forwarding = None
+        run_log.restore()
+
+
+def _session_logs() -> str | None:
+    import ray
+
+    node = ray._private.worker._global_node
+    return os.path.join(node.get_session_dir_path(), "logs") if node is not None else None
 
 
 @atexit.register
@@ -156,3 +194,6 @@ def _cleanup_at_exit() -> None:
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # our temp root holds its sockets and logs: stop it before removing them
     _forget_embedded()
+    run_log_module = sys.modules.get("pipeline.run_log")
+    if run_log_module is not None:
+        run_log_module.restore()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,12 +62,36 @@ def demo(tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
+    (folder / "resumed.log").write_text(result.output)
     assert "teacher AP" in result.output and "student AP" in result.output and "demo: round 2:" in result.output
-    # The demo's last line gives both gaps (Ray's worker logs may still interleave after it).
-    [last] = [line for line in result.output.splitlines() if line.startswith("demo: student - control")]
-    assert "student - teacher" in last
+    # The demo's last line gives both gaps.
+    assert result.output.splitlines()[-1].startswith("demo: student - control") and "student - teacher" in result.output.splitlines()[-1]
     assert (out / "student" / "student.pth").stat().st_mtime_ns == round_1_student  # round 1 was not trained again
     return out
+
+
+# Ray's own lines: its loggers' format, the C++ core worker's, and forwarded worker output.
+RAY_LINE = re.compile(r"\t(DEBUG|INFO|WARNING) \S+:\d+ -- |\] \w+\.cc:\d+: |\((TrainController|RayTrainWorker|raylet|MapWorker|PlacementGroupCleaner)[ )]")
+
+
+def test_the_terminal_shows_our_lines_and_ray_s_go_to_the_log_file(demo):
+    # The killed run's terminal (a process of its own: stdout and stderr, round 1 and the
+    # start of round 2), and the resumed run's (in this process).
+    killed = (demo.parent / "killed.log").read_text().splitlines()
+    resumed = (demo.parent / "resumed.log").read_text().splitlines()
+    log = (demo / "demo.log").read_text()
+    assert killed[0].startswith(f"demo: Ray's own log lines go to {demo.resolve() / 'demo.log'}")
+    assert [line for line in killed + resumed if RAY_LINE.search(line)] == []
+    assert "Starting execution of Dataset" in log and "core_worker.cc" in log  # Ray's Python and native lines
+    assert "Started training worker group" in log  # the Train controller's, appended when the resumed run's Ray stopped
+    stages = [line for line in killed if line.startswith("demo [")]
+    assert [line.split("]")[0] for line in stages] == [f"demo [{k}/17" for k in range(1, len(stages) + 1)] and len(stages) >= 12
+    # Every training's progress lines, each once: the teacher's, round 1's student's and control's.
+    training = [line for line in killed + resumed if line.startswith("train-student: step")]
+    assert len(training) == len(set(training))
+    assert sum(line.startswith("train-student: step 4/4 ") for line in killed) >= 3
+    assert all(" samples/s ETA " in line for line in training)
+    assert sum(line.startswith("train-student: step 4/4 ") for line in resumed) >= 1  # round 2's control (and student)
 
 
 def test_resumed_rounds_skip_finished_stages_and_chain_teachers(demo):

@@ -29,11 +29,14 @@ from pathlib import Path
 import typer
 from typing import Optional
 
+from pipeline import run_log
 from pipeline.demo.arms import SCHEDULES, DemoSchedule, StudentRecipe
 from pipeline.demo.report import render_html
 from pipeline.demo.rounds import CALIBRATED, PRESET_NAMES, run_stages, stage_count
 from pipeline.demo.world import BASE_KINDS, SIZES, TAIL_KINDS
 from pipeline.user_errors import fail
+
+LOG_FILE = "demo.log"  # Ray's own lines of the run (`pipeline.run_log`)
 
 WORLD_DESCRIPTION = (
     f"The gold split (the teacher's human annotations) draws and names only the base kinds "
@@ -98,6 +101,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     state = DemoState(out, _resume_settings(size=size, seed=seed, preset=preset, control=control, schedule=schedule), resume=resume)
     progress = DemoProgress(total=stage_count(rounds, control))
+    if not run_log.verbose():
+        run_log.use_log_file(out / LOG_FILE)
+        print(f"demo: Ray's own log lines go to {out / LOG_FILE} (--verbose or GLIP_VERBOSE=1 shows them here)",
+              file=sys.stderr, flush=True)
     started_ray = init_ray(None, include_dashboard=True)  # one embedded Ray for every stage
     try:
         runs = run_stages(
@@ -232,6 +239,7 @@ def demo_command(
     ),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Rounds of the loop: round k's teacher is round k-1's student."),
     resume: bool = typer.Option(False, "--resume", help="Go on with the interrupted (or finished) demo in --out: skip its finished rounds and stages."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own log lines here too (default: OUT/demo.log; also GLIP_VERBOSE=1)."),
 ) -> None:
     """Run the whole self-training loop on an embedded world: teacher, student and gold-only control.
 
@@ -246,6 +254,8 @@ def demo_command(
 
         pipeline demo --out runs/r2 --rounds 2 --resume
     """
+    if verbose:
+        run_log.set_verbose()
     if preset is not None and preset not in (*PRESET_NAMES, CALIBRATED):
         raise fail(f"--preset {preset}: not one of {', '.join((*PRESET_NAMES, CALIBRATED))}")
     if resume and overwrite:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
     started_ray = init_ray(address, include_dashboard=True)
     started = time.time()
     resources = config.resources
+    progress = _ProgressFollower(config, since=started) if _follows_progress(config) else None
     try:
         trainer = TorchTrainer(
             train_worker,
@@ -137,10 +140,64 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
                 f"its last checkpoint is under {storage_path}/{RUN_NAME}: continue with --resume"
             ) from exc
     finally:
+        if progress is not None:
+            progress.finish()
         shutdown_ray(started_ray)
     if result.checkpoint is None:
         raise TrainingInterrupted(f"the run in {out} reported no checkpoint")
     return _finish(config, result, time.time() - started)
+
+
+def _follows_progress(config: TrainConfig) -> bool:
+    """The driver prints the progress lines itself when the workers' own do not reach it
+    (`init_ray` did not forward their output) and rank 0's metrics.jsonl is on this machine."""
+    from pipeline.cluster import worker_output_forwarded
+
+    return worker_output_forwarded() is False and "://" not in config.out
+
+
+class _ProgressFollower:
+    """Prints rank 0's progress lines (`loop.progress_line`) from OUT/metrics.jsonl as they are
+    written, each once: the records of this session (`since`, wall clock), in step order."""
+
+    def __init__(self, config: TrainConfig, *, since: float, interval_s: float = 1.0) -> None:
+        from pipeline.train.loop import METRICS_FILE
+
+        self.path = Path(config.out) / METRICS_FILE
+        self.steps, self.since, self.interval_s = config.steps, since, interval_s
+        self.printed_step, self.skipped = -1, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._print_new()
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._print_new()
+        if self.skipped:  # the workers' own warning stays in their log
+            print(f"train-student: skipped {self.skipped} unreadable samples (see the run's log)", file=sys.stderr, flush=True)
+
+    def _print_new(self) -> None:
+        from pipeline.train.loop import progress_line
+
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break  # being written
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("time", 0) >= self.since and record["step"] > self.printed_step and "eta_s" in record:
+                print(progress_line(record, self.steps), file=sys.stderr, flush=True)
+                self.printed_step, self.skipped = record["step"], record.get("skipped_samples", 0)
 
 
 def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:

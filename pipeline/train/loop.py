@@ -7,7 +7,7 @@ cosine decay, gradient clipping at norm 1.0 over the full model; bf16 autocast o
 
 `StudentTrainer` is one worker's run in four parts: setup (model, optimizer, data stream;
 `restore` from a checkpoint), `step` (one optimizer step), `log` (rank 0: `metrics.jsonl` and
-a progress line) and `checkpoint` (`pipeline.train.checkpoints`, reported through
+a progress line, `progress_line`) and `checkpoint` (`pipeline.train.checkpoints`, reported through
 `ray.train.report` every `checkpoints.every` steps and at the end), so a resumed run
 continues exactly.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import tempfile
 import time
@@ -32,6 +33,11 @@ from pipeline.train.data.mixing import make_stream
 from pipeline.train.data.specs import paired_sources
 
 METRICS_FILE = "metrics.jsonl"
+# The worker's lines go through logging, not print: Ray Train patches print on its workers to
+# write both to stdout and to the root logger (whose console handler writes to stderr), and
+# Ray forwards both streams, so every printed line reached the driver twice. The root logger
+# Ray Train configures writes each record once.
+logger = logging.getLogger(__name__)
 
 
 class SimulatedInterruption(RuntimeError):
@@ -160,6 +166,16 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def progress_line(record: dict, steps: int) -> str:
+    """The progress line of one `metrics.jsonl` record of a `steps`-step run."""
+    return (
+        f"train-student: step {record['step']}/{steps} loss {record['loss']:.4f} "
+        f"(reg {record['loss_reg']:.3f} ctr {record['loss_centerness']:.3f} "
+        f"tok {record['loss_dot_product_token']:.3f}) lr {record['lr']:.2e} "
+        f"{record['samples_per_s']:.2f} samples/s ETA {_format_eta(record['eta_s'])}"
+    )
+
+
 # -- the trainer --------------------------------------------------------------------------
 
 
@@ -196,7 +212,7 @@ class StudentTrainer:
             rank=self.rank,
         )
         if self.rank == 0:
-            print(f"train-student: resumed at step {self.step_count}/{self.config.steps}", flush=True)
+            logger.info("train-student: resumed at step %d/%d", self.step_count, self.config.steps)
 
     def run(self) -> None:
         """Train up to `config.steps`, logging and reporting checkpoints on the way."""
@@ -236,7 +252,7 @@ class StudentTrainer:
             if self.step_count >= config.steps:
                 break
         if self.rank == 0 and self.skipped:
-            print(f"train-student: skipped {len(self.skipped)} unreadable samples, e.g. {next(iter(self.skipped.items()))}", flush=True)
+            logger.warning("train-student: skipped %d unreadable samples, e.g. %s", len(self.skipped), next(iter(self.skipped.items())))
 
     def step(self, loaded: LoadedBatch) -> StepResult:
         """One optimizer step on a batch; a non-finite loss stops the run naming the samples."""
@@ -285,17 +301,11 @@ class StudentTrainer:
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": rate,
             "skipped_samples": len(self.skipped),
+            "eta_s": round(per_step * (self.config.steps - self.step_count), 1),
             "time": time.time(),
         }
         self.metrics_log.write(record)
-        steps = self.config.steps
-        print(
-            f"train-student: step {self.step_count}/{steps} loss {result.loss:.4f} "
-            f"(reg {record['loss_reg']:.3f} ctr {record['loss_centerness']:.3f} "
-            f"tok {record['loss_dot_product_token']:.3f}) lr {record['lr']:.2e} "
-            f"{rate:.2f} samples/s ETA {_format_eta(per_step * (steps - self.step_count))}",
-            flush=True,
-        )
+        logger.info(progress_line(record, self.config.steps))
         self.window_start, self.window_samples = now, 0
 
     def checkpoint(self, result: StepResult, loaded: LoadedBatch) -> None:
