@@ -10,6 +10,14 @@ a pipeline folder instead.
 NER and the lemmatizer are disabled: phrases need only tok2vec, tagger, attribute_ruler
 (coarse POS, used by spaCy's English noun-chunk iterator) and parser, and the two
 components cost about half of the parse time (ASSETS.md: ~1,060 vs ~530 COCO captions/s).
+
+The attribute ruler is then the third most costly component (about a quarter of what is
+left): spaCy's Matcher tries its 179 patterns on every token, although 56 of them only map a
+fine tag to a coarse POS. `load_english_pipeline` swaps it for `pos_from_tag`: that mapping
+as a table lookup, then spaCy's own AttributeRuler with the remaining patterns that set POS,
+TAG or DEP, in their original order (a later pattern still wins). POS, TAG and DEP come out
+identical (tests/test_nlp_phrases.py checks real captions); MORPH and LEMMA, which nothing
+here reads, are no longer set. `load_english_pipeline(..., stock=True)` keeps spaCy's ruler.
 """
 
 from __future__ import annotations
@@ -49,13 +57,14 @@ def find_pipeline(name: str | None = None) -> str:
     raise SpacyPipelineNotFound(f"no spaCy pipeline found (tried {tried}): {INSTALL_HINT}")
 
 
-def load_english_pipeline(name: str | None = None) -> Language:
+def load_english_pipeline(name: str | None = None, *, stock: bool = False) -> Language:
     """Load `name` (a package or folder), or the first installed of `DEFAULT_PIPELINES`.
 
-    The result has NER and the lemmatizer disabled. Loaded pipelines are cached per process:
-    a Ray actor or a notebook holds one `nlp`, however many extractors it builds.
+    The result has NER and the lemmatizer disabled and, unless `stock`, its attribute ruler
+    replaced by `pos_from_tag` (see the module docstring). Loaded pipelines are cached per
+    process: a Ray actor or a notebook holds one `nlp`, however many extractors it builds.
     """
-    return _load_cached(find_pipeline(name))
+    return _load_cached(find_pipeline(name), stock)
 
 
 def pipeline_identity(nlp: Language) -> dict[str, str]:
@@ -83,7 +92,12 @@ def _is_pipeline_folder(candidate: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str) -> Language:
+def _load_cached(name: str, stock: bool) -> Language:
     import spacy
 
-    return spacy.load(name, disable=list(DISABLED_COMPONENTS))
+    nlp = spacy.load(name, disable=list(DISABLED_COMPONENTS))
+    if not stock and "attribute_ruler" in nlp.pipe_names:
+        from nlp.pos_from_tag import replace_attribute_ruler
+
+        replace_attribute_ruler(nlp)
+    return nlp

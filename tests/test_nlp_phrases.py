@@ -68,6 +68,19 @@ def test_loader_finds_an_installed_pipeline_and_names_how_to_install_a_missing_o
         load_english_pipeline("en_core_web_does_not_exist")
 
 
+def test_pos_from_tag_gives_the_attribute_rulers_annotations_on_real_captions(nlp, shared_data: Path) -> None:
+    captions = coco_captions(shared_data, 300) + cc3m_captions(shared_data, 300) + web_captions(shared_data, 400)
+    captions = [caption for caption in captions if isinstance(caption, str)]
+    stock = load_english_pipeline(stock=True)
+    assert "attribute_ruler" in stock.pipe_names and "pos_from_tag" not in stock.pipe_names
+    assert nlp.pipe_names[-1] == "pos_from_tag" and "attribute_ruler" not in nlp.pipe_names
+    for ruled, tabled in zip(stock.pipe(captions), nlp.pipe(captions)):
+        assert [(t.pos_, t.tag_, t.dep_, t.head.i) for t in ruled] == [(t.pos_, t.tag_, t.dep_, t.head.i) for t in tabled]
+        assert [chunk.text for chunk in ruled.noun_chunks] == [chunk.text for chunk in tabled.noun_chunks]
+    # The exceptions still override the per-tag table ("something" is tagged NN, its POS is PRON).
+    assert [token.pos_ for token in nlp("something on a table")] == ["PRON", "ADP", "DET", "NOUN"]
+
+
 def test_a_pipeline_without_parser_is_refused_for_noun_chunks(tmp_path: Path) -> None:
     import spacy
 
