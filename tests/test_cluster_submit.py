@@ -147,7 +147,7 @@ def test_worker_killed_inside_a_submitted_job(cluster, tmp_path, shared_data):
     assert status == "SUCCEEDED", client.get_job_logs("kill-worker-1")[-3000:]
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["shards"]["failed"] == 0 and stats["samples"] == 1500
-    assert sorted(os.listdir(out)) == sorted([*names, "_stats.json"])  # no temporaries left
+    assert sorted(os.listdir(out)) == sorted([*names, "_shards.jsonl", "_stats.json"])  # no temporaries left
     _assert_equal_to_in_process_worker(shards, out, names, tmp_path / "reference")
 
 
@@ -186,7 +186,7 @@ def test_stopped_job_resubmitted_resumes_to_the_same_outputs(cluster, tmp_path, 
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["shards"]["already_done"] == len(finished) and stats["shards"]["written"] == len(names) - len(finished)
     assert stats["shards"]["failed"] == 0 and stats["samples"] == 1500
-    assert sorted(os.listdir(out)) == sorted([*names, "_stats.json"])  # no temporaries left
+    assert sorted(os.listdir(out)) == sorted([*names, "_shards.jsonl", "_stats.json"])  # no temporaries left
     assert not [name for name in os.listdir(out) if storage.is_temporary_name(name)]
     _assert_equal_to_in_process_worker(shards, out, names, tmp_path / "reference")
 

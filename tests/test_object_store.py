@@ -88,7 +88,7 @@ def _parse_captions_with_resume(fs, scheme: str, tmp_path, shared_data) -> None:
     assert stats["samples"] == 10 and stats["shards"]["written"] == 2 and stats["shards"]["failed"] == 0
     fs.invalidate_cache()
     names = sorted(path.rsplit("/", 1)[-1] for path in fs.ls("engine/phrases"))
-    assert names == ["00000.parquet", "00001.parquet", "_stats.json"]  # no temporaries left
+    assert names == ["00000.parquet", "00001.parquet", "_shards.jsonl", "_stats.json"]  # no temporaries left
     table = read_phrases_file(f"{scheme}://engine/phrases/00000.parquet")
     assert table.column("key").to_pylist() == [k for k, _, _ in samples[:6]]
     assert all(row for row in table.column("phrases").to_pylist())

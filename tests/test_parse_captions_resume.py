@@ -46,7 +46,7 @@ def test_resumed_run_equals_an_uninterrupted_one(
     shutil.copy(whole / "00001.parquet", resumed / "00001.parquet")
     (resumed / storage.temporary_name("00000.parquet")).write_bytes(b"PAR1 half a file")
     second = run_parse_captions(config(shard_folder, resumed), progress_stream=io.StringIO())
-    assert sorted(os.listdir(resumed)) == ["00000.parquet", "00001.parquet", "00002.parquet", "_stats.json"]
+    assert sorted(os.listdir(resumed)) == ["00000.parquet", "00001.parquet", "00002.parquet", "_shards.jsonl", "_stats.json"]
     for shard_id in ("00000", "00001", "00002"):
         assert comparable(resumed / f"{shard_id}.parquet") == comparable(whole / f"{shard_id}.parquet")
     assert second["shards"]["written"] == 2 and second["shards"]["already_done"] == 1

@@ -3,11 +3,12 @@
 `_stats.json` keys:
 * `stage`, `inputs` (as given), `out`, `started_at`/`finished_at` (UTC ISO-8601);
 * `shards`: `total`, `written` (this run), `already_done` (skipped at start: outputs
-  existed), `failed`, and `failed_shards` ({shard id: reason}; no output was written for
-  them, a re-run retries them);
+  existed), `failed`, and `failed_shards` ({shard id: reason} of the first
+  `MAX_FAILED_LISTED` by shard id; no output was written for them, a re-run retries them);
 * `samples`, `written` and every stage counter summed over all finished shards (this run
-  and earlier runs, whose reports are read back from their outputs);
-* `skipped`: {reason: {"count": n, "examples": [keys]}};
+  and earlier runs, whose reports come from `_shards.jsonl`, or from a shard's own output
+  when the log lacks it);
+* `skipped`: {reason: {"count": n, "examples": [keys]}} (the first keys in shard-id order);
 * `members_ignored`: {kind: n}, tar members that are no sample part (`symlink`, `hardlink`,
   `directory`, `device`, `fifo`, `metadata`, `no_extension`): with `tar_members` (all of
   them) a user can reconcile a tar's contents with the samples;
@@ -35,8 +36,16 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+MAX_FAILED_LISTED = 1000  # failed shards named in `_stats.json` (all of them are counted)
+PRINTED_FAILURES = 20  # failed shards named on stderr at the end of a run
+
+
 class StageStats:
-    """Accumulates `ShardReport`s of one stage run (and of earlier runs, on resume)."""
+    """Running totals of one stage run's `ShardReport`s (and of earlier runs', on resume).
+
+    Reports are summed as they come and not kept, so the driver's memory does not grow with
+    the number of shards (the per-shard detail is in `_shards.jsonl`, `pipeline.io.shard_log`).
+    """
 
     def __init__(
         self,
@@ -55,19 +64,24 @@ class StageStats:
         self.settings = settings
         self.versions = versions
         self.started_at = utc_now()
-        self.reports: dict[str, tuple[ShardReport, bool]] = {}
+        self.totals = _Totals()
+        self.counted: set[str] = set()  # shard ids summed (a shard reported twice counts once)
 
     def add(self, report: ShardReport, *, earlier_run: bool = False) -> None:
-        """Record one shard; `earlier_run` marks shards found finished at start (no throughput)."""
-        self.reports[report.shard_id] = (report, earlier_run)
+        """Sum one shard; `earlier_run` marks shards found finished at start (no throughput)."""
+        if report.shard_id in self.counted:
+            return
+        if report.error is None:
+            self.counted.add(report.shard_id)
+        self.totals.add(report.shard_id, report, earlier_run)
 
     def to_dict(self, *, seconds: float, workers: int, startup_seconds: float = 0.0) -> dict[str, object]:
-        """The `_stats.json` content; shards are merged in shard-id order, so it does not
-        depend on which worker finished first."""
+        """The `_stats.json` content. Example keys are the first ones in shard-id order and
+        failed shards are listed in shard-id order, so it does not depend on which worker
+        finished first."""
         seconds = max(seconds, 1e-9)
-        totals = _Totals()
-        for shard_id in sorted(self.reports):
-            totals.add(shard_id, *self.reports[shard_id])
+        totals = self.totals
+        failed = dict(sorted(totals.failed.items())[:MAX_FAILED_LISTED])
         return {
             "stage": self.stage,
             "inputs": self.inputs,
@@ -79,12 +93,15 @@ class StageStats:
                 "written": totals.written_now,
                 "already_done": totals.already_done,
                 "failed": len(totals.failed),
-                "failed_shards": totals.failed,
+                "failed_shards": failed,
             },
             "samples": totals.samples,
             "written": totals.written,
             **dict(sorted(totals.counters.items())),
-            "skipped": dict(sorted(totals.skipped.items())),
+            "skipped": {
+                reason: {"count": count, "examples": [key for _, _, key in totals.examples.get(reason, [])]}
+                for reason, count in sorted(totals.skipped.items())
+            },
             "members_ignored": dict(sorted(totals.members_ignored.items())),
             "throughput": {
                 "seconds": round(seconds, 3),
@@ -102,7 +119,8 @@ class StageStats:
 
 @dataclass
 class _Totals:
-    """The shard reports of a run summed (`StageStats.to_dict`); `*_now`: this run's shards only."""
+    """Shard reports summed (`StageStats`); `*_now`: this run's shards only. `examples` keeps,
+    per skip reason, the first `MAX_EXAMPLE_KEYS` (shard id, position, key) in shard-id order."""
 
     failed: dict[str, str] = field(default_factory=dict)
     written_now: int = 0
@@ -112,13 +130,15 @@ class _Totals:
     samples_now: int = 0
     worker_seconds: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, dict[str, object]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
     members_ignored: dict[str, int] = field(default_factory=dict)
 
     def add(self, shard_id: str, report: ShardReport, earlier_run: bool) -> None:
         if report.error is not None:
             self.failed[shard_id] = report.error
             return
+        self.failed.pop(shard_id, None)
         if earlier_run:
             self.already_done += 1
         else:
@@ -132,11 +152,13 @@ class _Totals:
         for kind, value in report.members_ignored.items():
             self.members_ignored[kind] = self.members_ignored.get(kind, 0) + value
         for reason, count in report.skipped.items():
-            entry = self.skipped.setdefault(reason, {"count": 0, "examples": []})
-            entry["count"] = int(entry["count"]) + count  # type: ignore[call-overload]
-            examples = entry["examples"]
-            assert isinstance(examples, list)
-            examples.extend(report.examples.get(reason, [])[: MAX_EXAMPLE_KEYS - len(examples)])
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+            keys = [(shard_id, position, key) for position, key in enumerate(report.examples.get(reason, []))]
+            kept = self.examples.setdefault(reason, [])
+            if keys and (len(kept) < MAX_EXAMPLE_KEYS or keys[0] < kept[-1]):
+                kept.extend(keys)
+                kept.sort()
+                del kept[MAX_EXAMPLE_KEYS:]
 
 
 def write_stats(out: str, stats: dict[str, object]) -> str:
@@ -166,12 +188,15 @@ def print_summary(stats: dict[str, object], out: str, *, counts: str) -> None:
         f"Stats: {out.rstrip('/')}/_stats.json"
     )
     failed = dict(shards["failed_shards"])
-    for shard_id, reason in failed.items():
+    # A bounded number of lines, however many shards failed (the rest are in _stats.json).
+    for shard_id, reason in list(failed.items())[:PRINTED_FAILURES]:
         print(f"error: shard {shard_id} failed and has no output (re-run to retry): {reason}", file=sys.stderr)
     if failed:
+        named = ", ".join(sorted(failed)[:PRINTED_FAILURES])
+        more = int(shards["failed"]) - min(len(failed), PRINTED_FAILURES)
         print(
-            f"error: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); every other shard is written. "
-            f"Reasons: failed_shards in {out.rstrip('/')}/_stats.json",
+            f"error: {shards['failed']} shard(s) failed ({named}{f' and {more:,} more' if more > 0 else ''}); "
+            f"every other shard is written. Reasons: failed_shards in {out.rstrip('/')}/_stats.json",
             file=sys.stderr,
         )
         raise typer.Exit(code=1)
