@@ -83,7 +83,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         return _read_safetensors(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    # KeyError/IndexError: the unpickler reading text or random bytes as opcodes
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{path}: not a valid or safe checkpoint ({_load_failure(exc)})") from None
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
@@ -113,8 +114,16 @@ def _load_failure(exc: BaseException) -> str:
         operand = re.search(r"Unsupported operand (\S+)", text)
         detail = f": unsupported pickle operand {operand.group(1)}" if operand else ""
         return f"not a PyTorch file of tensors and plain data{detail}"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"truncated or corrupt: {first_line[:200]}"
+    if "legacy .tar format" in text:
+        return "a tar archive, not a PyTorch checkpoint"
+    if isinstance(exc, EOFError) or not text.strip():
+        return "the file is empty or ends too early"
+    if "weights_only" in text or isinstance(exc, (KeyError, IndexError)):  # never pass on torch's advice
+        return f"not a PyTorch checkpoint file ({type(exc).__name__} while unpickling)"
+    first_line = text.strip().splitlines()[0]
+    if len(first_line) > 200:  # whole words only
+        first_line = first_line[:200].rsplit(" ", 1)[0] + " ..."
+    return f"truncated or corrupt: {first_line}"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:

@@ -32,6 +32,8 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        # click's plain help: rich's option tables cut long flag names at 80 columns
+        rich_markup_mode=None,
     )
     app.callback()(_options)
     app.command("pack")(pack_command)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tarfile
+import zipfile
 
 import pytest
 import torch
@@ -147,6 +149,24 @@ def test_truncated_and_non_checkpoint_files(tmp_path, tiny_model):
     assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
     with pytest.raises(CheckpointError, match="not found"):
         load_glip(tmp_path / "absent.pth")
+
+
+def test_any_non_checkpoint_file_gets_a_whole_message_without_torchs_advice(tmp_path, tiny_model):
+    good = save_glip(tiny_model, tmp_path / "good.pth")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:  # a WebDataset shard given as --teacher
+        tar.add(good, arcname="00000.jpg")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "words.pth").write_text("hello")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("a.txt", "x")
+    expected = {"shard.tar": "(a tar archive, not a PyTorch checkpoint)", "empty.pth": "(the file is empty or ends too early)",
+                "words.pth": "(not a PyTorch checkpoint file (KeyError while unpickling))", "other.zip": "not in a subdirectory: a.txt)"}
+    for name, ending in expected.items():
+        with pytest.raises(CheckpointError) as refused:
+            read_checkpoint(tmp_path / name)
+        message = str(refused.value)
+        assert message.startswith(f"{tmp_path / name}: not a valid or safe checkpoint") and message.endswith(ending), message
+        assert "\n" not in message and "weights_only" not in message
 
 
 def test_pickled_code_is_refused(tmp_path, capsys):

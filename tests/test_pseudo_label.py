@@ -293,7 +293,7 @@ def test_pseudo_label_with_a_grounding_dino_teacher(world, phrases, hf_teachers,
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["samples"] == 22 and stats["shards"]["written"] == 3
-    teacher = json.loads(stats["versions"]["teacher"])
+    teacher = stats["versions"]["teacher"]
     assert teacher["kind"] == "grounding-dino" and teacher["checkpoint"] == folder.name
     assert teacher["sha256"] == file_sha256(folder / "model.safetensors")
     source = _source_samples(world["shards"])

@@ -309,7 +309,7 @@ def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | Non
         worker_factory=functools.partial(PseudoLabelWorker, config=config, source=source),
         read_done_report=functools.partial(read_done_report, out=config.out),
         settings=settings,
-        versions={"teacher": json.dumps(teacher)},
+        versions={"teacher": teacher},  # an object, as in each pseudo sample
         progress_stream=progress_stream,
     )
     return stats
