@@ -121,6 +121,22 @@ def test_tables_of_bytes_and_of_paths(image_folder, tmp_path) -> None:
     assert [s["txt"] for s in _samples(tmp_path / "from_csv").values()] == [b"cap 0", b"cap 1", b"cap 2"]
 
 
+def test_keys_from_names_match_the_files_and_are_checked(image_folder, shared_data, tmp_path) -> None:
+    coco = str(shared_data / COCO_CAPTIONS)
+    run_pack(PackConfig(inputs=(str(image_folder),), out=str(tmp_path / "named"), coco_captions=coco, keys="name"))
+    packed = _samples(tmp_path / "named")
+    assert sorted(packed) == sorted(p.stem for p in image_folder.rglob("0*.jpg"))[:4] + sorted(
+        p.stem for p in (image_folder / "more").glob("*.jpg"))
+    assert all(Path(json.loads(s["json"])["source"]).stem == key for key, s in packed.items())
+    twin = tmp_path / "twin"
+    (twin / "a").mkdir(parents=True)
+    (twin / "b").mkdir()
+    for sub in ("a", "b"):
+        shutil.copy(next((image_folder / "more").glob("*.jpg")), twin / sub / "same.jpg")
+    with pytest.raises(ValueError, match=r"have the same name 'same'; use --keys position"):
+        run_pack(PackConfig(inputs=(str(twin),), out=str(tmp_path / "o"), keys="name"))
+
+
 def test_mistakes_are_one_line(image_folder, shared_data, tmp_path) -> None:
     runner, coco = CliRunner(), str(shared_data / COCO_CAPTIONS)
     empty = tmp_path / "empty"

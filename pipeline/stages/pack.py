@@ -14,6 +14,9 @@ Output: `OUT/{shard:05d}.tar` with `--samples-per-shard` inputs each, members `{
 source path or table row, and the table's own key if it had one). The key is img2dataset's:
 shard number and position in the shard (`000030004` = 5th input of shard 3), so the same inputs
 give the same keys, and an input that is skipped leaves a gap instead of renumbering the rest.
+`--keys name` keeps each image's file name stem (or the table's `key`) instead, so gold
+annotations that name the files (COCO ids, file names) match the shard keys; names must be
+unique and hold no "." (webdataset splits the key from the extension at the first ".").
 Each tar is written atomically; `OUT/_stats.json` (written last) counts the inputs, the samples
 written and the skips by reason with examples: the image checks of every stage
 (`pipeline.io.images`: `not_an_image`, `truncated`, `too_small`, `too_large`), `unreadable_file`,
@@ -55,9 +58,12 @@ class PackConfig:
     image_column: str | None = None  # None: the first of IMAGE_COLUMNS the table has
     caption_column: str | None = None  # None: the first of CAPTION_COLUMNS the table has
     samples_per_shard: int = 10_000
+    keys: str = "position"  # or "name": the file name stem / the table's key
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.keys not in ("position", "name"):
+            raise ValueError(f"--keys {self.keys!r}: choose position or name")
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard {self.samples_per_shard}: must be at least 1")
 
@@ -93,6 +99,7 @@ def run_pack(config: PackConfig) -> dict[str, object]:
     FileNotFoundError / ValueError (one line) before any shard is written."""
     coco = _coco_first_captions(config.coco_captions) if config.coco_captions else None
     sources = [_input_items(uri, config) for uri in sorted(config.inputs)]
+    names = _name_keys([item for items in sources for item in items]) if config.keys == "name" else None
     storage.ensure_writable_folder(config.out)
     existing = [n for n in storage.list_names(config.out) if n.endswith(".tar") and not storage.is_temporary_name(n)]
     if existing and not config.overwrite:
@@ -112,7 +119,7 @@ def run_pack(config: PackConfig) -> dict[str, object]:
                 shard = index // config.samples_per_shard
                 writer = _ShardWriter(storage.join(config.out, f"{shard:05d}.tar"))
                 tally.shards += 1
-            key = f"{shard:05d}{index % config.samples_per_shard:0{digits}d}"
+            key = names[index] if names else f"{shard:05d}{index % config.samples_per_shard:0{digits}d}"
             ext, data, caption = sample
             record = {"key": key, "caption": caption, "source": item.source}
             if item.source_key is not None:
@@ -142,6 +149,22 @@ def run_pack(config: PackConfig) -> dict[str, object]:
     }
     write_stats(config.out, stats)
     return stats
+
+
+def _name_keys(items: list[PackInput]) -> list[str]:
+    """`--keys name`: each input's table key or file name stem, checked unique and webdataset-safe."""
+    from pipeline.io.shards import unsafe_key_reason
+
+    keys, seen = [], {}
+    for item in items:
+        key = item.source_key or posixpath.splitext(item.file_name or "")[0]
+        if not key or "." in key or unsafe_key_reason(key):
+            raise ValueError(f"--keys name: {item.source}: {key!r} cannot be a key (empty, a '.' or a path); use --keys position")
+        if key in seen:
+            raise ValueError(f"--keys name: {seen[key]} and {item.source} have the same name {key!r}; use --keys position")
+        seen[key] = item.source
+        keys.append(key)
+    return keys
 
 
 class _ShardWriter:
@@ -363,11 +386,15 @@ def pack_command(
         None, "--image-column", help="Tables: image path or bytes column (default: jpg, image, path, filepath, file_name)."
     ),
     samples_per_shard: int = typer.Option(10_000, "--samples-per-shard", min=1, help="Inputs per shard (img2dataset's default)."),
+    keys: str = typer.Option(
+        "position", "--keys", help="Sample keys: position (img2dataset's shard+index) or name (file name stem / table key)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards in a folder that already holds some."),
 ) -> None:
     """Pack images and their captions into WebDataset shards ({key}.jpg, {key}.txt, {key}.json) for every stage."""
     config = PackConfig(inputs=tuple(inputs), out=out, coco_captions=coco_captions, image_column=image_column,
-                        caption_column=caption_column, samples_per_shard=samples_per_shard, overwrite=overwrite)
+                        caption_column=caption_column, samples_per_shard=samples_per_shard, keys=keys,
+                        overwrite=overwrite)
     print(_summary(run_pack(config)))
 
 
