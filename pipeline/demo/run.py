@@ -317,7 +317,7 @@ def _print_loop_sections(report: dict) -> None:
         print(f"demo: calibrate: target precision {calibration['settings']['target_precision']}, "
               f"{calibration['sample']['precision']:.3f} [{low:.3f}, {high:.3f}] on the sample, "
               f"{calibration['calibrated_on_rest']['precision50']:.3f} on the rest "
-              f"({'inside' if calibration['inside_interval'] else 'OUTSIDE'} the interval)")
+              f"({'inside' if calibration['inside_interval'] else 'outside'} the sample's interval)")
     for entry in report["rounds"][1:]:
         arms = ", ".join(f"{name} AP {100 * m['AP']:.1f}" for name, m in entry["models"].items())
         print(f"demo: round {entry['round']}: {arms}")
