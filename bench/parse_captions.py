@@ -5,18 +5,26 @@ Two corpora from ../shared/data/captions, each packed into WebDataset shards (`{
 * `coco`: the 25,014 human COCO val2017 captions;
 * `web`: 15,833 CC3M validation captions + 10,000 raw web alt-texts (LAION/CC-style noise).
 
-For each corpus it prints captions/s of
-* raw: `nlp.pipe(captions, batch_size=256)` over every caption (NER and lemmatizer disabled,
-  as in the stage), pinned to one core, no cleaning, no phrase extraction, no I/O;
+For each corpus and repeat (with the load average at that moment) it prints captions/s of
+* raw: spaCy as shipped, `nlp.pipe(captions, batch_size=256)` over every caption (NER and
+  lemmatizer disabled, as in the stage; spaCy's attribute ruler, which the stage replaces by
+  `nlp.pos_from_tag`), pinned to one core, no cleaning, no phrase extraction, no I/O;
+* extractor: `PhraseExtractor.extract_batch` in this process on the same core (the stage's
+  spaCy pipeline, cleaning, de-duplication, phrase extraction; no I/O, no Ray);
 * stage, 1 and 2 workers: `run_parse_captions` on Ray Data (read shards, clean, de-duplicate,
   parse, extract phrases, write Parquet). Ray start-up is excluded (Ray is started once
   before). "wall" includes actor start-up (process spawn + spaCy load in each actor);
-  "steady" excludes it (time from the first shard starting to the last result).
+  "steady" excludes it (time from the first shard starting to the last result). Where the
+  steady time goes: "in shards" (the workers' summed time inside their shards: read, clean,
+  parse, extract, write) and "between shards" (workers x steady seconds - in shards: Ray Data
+  hand-off of tasks and reports, and the tail where one worker waits for the last shard).
 and the ratios stage/raw. Then, optionally, the recall of COCO category names: of the
 occurrences of the 80 COCO category names (and their plurals) in the COCO captions, the share
 inside an extracted phrase, per mode.
 
-Run: `.venv/bin/python bench/parse_captions.py` (about 4 minutes on 2 cores).
+Run: `.venv/bin/python bench/parse_captions.py` (about 4 minutes on 2 idle cores);
+`--limit 6000 --repeats 3 --no-recall` for a shorter run, `--recase-only` for the effect of
+`recase_initial` on phrases per caption.
 """
 
 from __future__ import annotations
@@ -100,23 +108,53 @@ def write_shards(captions: list[str], folder: Path) -> None:
                     archive.addfile(info, io.BytesIO(data))
 
 
-def raw_rate(nlp, captions: list[str]) -> float:
-    """Captions/s of bare `nlp.pipe` on one core."""
+def one_core_rate(work, captions: list[str]) -> float:
+    """Captions/s of `work(captions)` pinned to one core."""
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(affinity)})
     try:
         started = time.perf_counter()
-        for _ in nlp.pipe(captions, batch_size=256):
-            pass
+        work(captions)
         return len(captions) / (time.perf_counter() - started)
     finally:
         os.sched_setaffinity(0, affinity)
+
+
+def raw_parse(nlp):
+    def parse(captions: list[str]) -> None:
+        for _ in nlp.pipe(captions, batch_size=256):
+            pass
+
+    return parse
+
+
+def extract_in_process(nlp):
+    def extract(captions: list[str]) -> None:
+        extractor = PhraseExtractor(nlp=nlp)  # fresh: no de-duplication across repeats
+        for first in range(0, len(captions), SHARD_SIZE):
+            extractor.extract_batch(captions[first : first + SHARD_SIZE])
+
+    return extract
 
 
 def stage_rates(shards: Path, out: Path, workers: int) -> dict:
     config = ParseCaptionsConfig(inputs=(str(shards),), out=str(out), workers=workers, overwrite=True)
     stats = run_parse_captions(config, progress_stream=io.StringIO())
     return {"stats": stats, **stats["throughput"]}
+
+
+def print_stage(label: str, run: dict, raw: float) -> None:
+    steady_seconds = run["seconds"] - run["startup_seconds"]
+    in_shards = run["worker_seconds"]
+    between = run["workers"] * steady_seconds - in_shards
+    print(
+        f"  {label:<16} wall    {run['samples_per_s']:8.1f} captions/s  ({run['samples_per_s'] / raw:.2f}x raw; "
+        f"actor start-up {run['startup_seconds']:.1f} s of {run['seconds']:.1f} s)"
+    )
+    print(
+        f"  {label:<16} steady  {run['steady_samples_per_s']:8.1f} captions/s  ({run['steady_samples_per_s'] / raw:.2f}x raw; "
+        f"worker time {in_shards:.1f} s in shards, {between:.1f} s between shards)"
+    )
 
 
 def category_names(data: Path) -> list[str]:
@@ -143,19 +181,23 @@ def main() -> None:
         "--recase-only", action="store_true", help="only the recase_initial effect per source (no timing, no Ray)"
     )
     parser.add_argument("--examples", type=int, default=12, help="added phrases shown per source")
+    parser.add_argument("--limit", type=int, default=None, help="first N captions of each corpus or source")
+    parser.add_argument("--repeats", type=int, default=1, help="timing rounds per corpus (the machine may be busy)")
     args = parser.parse_args()
     data = Path(args.data)
     if args.recase_only:
-        recase_effect(load_english_pipeline(), load_sources(data), examples=args.examples)
+        sources = {name: captions[: args.limit] for name, captions in load_sources(data).items()}
+        recase_effect(load_english_pipeline(), sources, examples=args.examples)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    corpora = load_corpora(data)
+    corpora = {name: captions[: args.limit] for name, captions in load_corpora(data).items()}
     nlp = load_english_pipeline()
+    stock = load_english_pipeline(stock=True)
     identity = pipeline_identity(nlp)
     print(f"spaCy {identity['spacy_version']}, {identity['spacy_pipeline']} {identity['spacy_pipeline_version']} ")
-    print(f"components: {identity['spacy_components']}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}")
+    print(f"stage components: {identity['spacy_components']}; raw: {','.join(stock.pipe_names)}; {os.cpu_count()} CPUs")
     print("stage timings exclude Ray start-up; 'wall' includes actor start-up, 'steady' does not\n")
     started = init_ray(None, num_cpus=os.cpu_count())
     results = {}
@@ -164,25 +206,22 @@ def main() -> None:
             root = Path(temporary)
             for name, captions in corpora.items():
                 write_shards(captions, root / name / "shards")
-                raw = raw_rate(nlp, captions)
-                one = stage_rates(root / name / "shards", root / name / "w1", workers=1)
-                two = stage_rates(root / name / "shards", root / name / "w2", workers=2)
-                stats = one["stats"]
-                print(
-                    f"{name}: {len(captions):,} captions in {len(captions) // SHARD_SIZE + 1} shards, "
-                    f"{stats['unique_captions']:,} distinct parsed, {stats['skipped'].get('empty', {}).get('count', 0)} empty"
-                )
-                print(f"  raw nlp.pipe, 1 core        {raw:8.1f} captions/s")
-                for label, run in (("stage, 1 worker", one), ("stage, 2 workers", two)):
+                for repeat in range(1, args.repeats + 1):
+                    load_before = os.getloadavg()[0]
+                    raw = one_core_rate(raw_parse(stock), captions)
+                    extract = one_core_rate(extract_in_process(nlp), captions)
+                    one = stage_rates(root / name / "shards", root / name / "w1", workers=1)
+                    two = stage_rates(root / name / "shards", root / name / "w2", workers=2)
+                    stats = one["stats"]
                     print(
-                        f"  {label:<16} wall    {run['samples_per_s']:8.1f} captions/s  ({run['samples_per_s'] / raw:.2f}x raw; "
-                        f"actor start-up {run['startup_seconds']:.1f} s)"
+                        f"{name} #{repeat}: {len(captions):,} captions in {-(-len(captions) // SHARD_SIZE)} shards, "
+                        f"{stats['unique_captions']:,} distinct parsed; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
                     )
-                    print(
-                        f"  {label:<16} steady  {run['steady_samples_per_s']:8.1f} captions/s  "
-                        f"({run['steady_samples_per_s'] / raw:.2f}x raw)"
-                    )
-                print(f"  2 workers / 1 worker (steady): {two['steady_samples_per_s'] / one['steady_samples_per_s']:.2f}x\n")
+                    print(f"  raw nlp.pipe (stock spaCy), 1 core {raw:8.1f} captions/s")
+                    print(f"  extractor in process, 1 core      {extract:8.1f} captions/s  ({extract / raw:.2f}x raw)")
+                    for label, run in (("stage, 1 worker", one), ("stage, 2 workers", two)):
+                        print_stage(label, run, raw)
+                    print(f"  2 workers / 1 worker (steady): {two['steady_samples_per_s'] / one['steady_samples_per_s']:.2f}x\n")
                 results[name] = root / name / "w1"
             if not args.no_recall:
                 names = category_names(data)
