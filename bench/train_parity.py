@@ -5,7 +5,8 @@ For each variant: build the official-layout checkpoint the reference README desc
 run `pipeline check-parity` on it against the training reference: one training step with every
 regulariser off, comparing the loss terms, head and tower outputs, the gradients w.r.t. the head
 outputs, the stored full gradients and the gradient norm of every parameter. Prints each
-command's tail and its wall time; exits 1 when a variant fails.
+check's largest differences and its wall time (the full listing is written beside the
+checkpoint); exits 1 when a variant fails.
 
     python bench/train_parity.py                      # T(C) and T(A), one torch thread
     python bench/train_parity.py --variant t_a --keep /tmp/parity   # keep the checkpoint
@@ -43,6 +44,19 @@ def write_filled_checkpoint(variant: str, path: Path) -> int:
     return filled
 
 
+def worst(lines: list[str], count: int) -> list[str]:
+    """The `count` compared tensors of a check-parity listing with the largest relative difference."""
+    rows = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                rows.append((float(parts[1]), line))
+            except ValueError:
+                pass
+    return [line for _, line in sorted(rows, reverse=True)[:count]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="t_c, t_a or l (repeatable; default t_c and t_a)")
@@ -69,8 +83,9 @@ def main() -> int:
             run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
             seconds = time.perf_counter() - start
             lines = (run.stdout + run.stderr).strip().splitlines()
+            (folder / f"glip_{variant}_check_parity.txt").write_text("\n".join(lines) + "\n")
             print(f"== {variant}: {filled} parameters filled ({written:.0f} s); pipeline check-parity {reference.name}")
-            print("\n".join(lines[:12] + ["..."] + lines[-4:]) if len(lines) > 20 else "\n".join(lines))
+            print("\n".join(lines[:6] + ["... the 8 largest relative differences:"] + worst(lines, 8) + lines[-2:]))
             print(f"== {variant}: check took {seconds:.0f} s, exit status {run.returncode}")
             if run.returncode:
                 failed.append(variant)

@@ -32,6 +32,7 @@ LEVELS = (3, 4, 5, 6, 7)
 LOSS_TERMS = ("loss_reg", "loss_centerness", "loss_dot_product_token")
 # Reference gradient norms below this are zero in exact arithmetic: compared absolutely.
 NOISE_NORM = 1e-5
+NORM_PREFIX = "grad_norm:"
 
 
 @dataclass(frozen=True)
@@ -232,13 +233,13 @@ def gradient_norm_comparisons(
     for name in sorted(reference_norms):
         expected, grad = reference_norms[name], parameters[name].grad
         if expected is None:
-            out.append(Comparison(f"grad_norm:{name}", 0.0 if grad is None else float("inf"), absolute=True))
+            out.append(Comparison(NORM_PREFIX + name, 0.0 if grad is None else float("inf"), absolute=True))
             continue
         norm = torch.zeros((), dtype=torch.float64) if grad is None else grad.detach().double().norm()
         if expected < NOISE_NORM:
-            out.append(Comparison(f"grad_norm:{name}", abs(float(norm) - expected), absolute=True))
+            out.append(Comparison(NORM_PREFIX + name, abs(float(norm) - expected), absolute=True))
         else:
-            out.append(Comparison(f"grad_norm:{name}", relative_difference(norm, expected)))
+            out.append(Comparison(NORM_PREFIX + name, relative_difference(norm, expected)))
     return out
 
 
