@@ -144,7 +144,7 @@ def run_pack(config: PackConfig) -> dict[str, object]:
         "written": tally.written,
         "skipped": tally.skipped,
         "throughput": {"seconds": seconds, "samples_per_s": round(tally.inputs / seconds, 2) if seconds else 0.0},
-        "settings": {"samples_per_shard": config.samples_per_shard, "coco_captions": config.coco_captions,
+        "settings": {"samples_per_shard": config.samples_per_shard, "keys": config.keys, "coco_captions": config.coco_captions,
                      "image_column": config.image_column, "caption_column": config.caption_column},
     }
     write_stats(config.out, stats)
