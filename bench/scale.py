@@ -19,6 +19,11 @@ the size of `_stats.json`, and the wall time of running the finished job again (
 read back, write `_stats.json`). `--store s3` starts a moto S3 server on 127.0.0.1 (another
 process, so its memory is not the driver's) and keeps corpus and outputs there.
 
+`--resume-only` times only the resume of a finished job, made in one process by the stage's
+own worker (no Ray: a finished job's resume starts none either), with `--compare-code DIR`'s
+resume timed first (a checkout without the shard log reads every output back): the resume
+goals measured where starting Ray for the fresh runs is too slow.
+
 `--loader` measures train-student's data side instead: for each N of `--sizes`, N pseudo
 shards (10 samples each) and a COCO gold source mixed with them, the time from building the
 sample stream to the first collated batch, and the RSS that adds to the process (one loader
@@ -130,6 +135,7 @@ def run_one(spec: dict) -> dict:
     stats_size = len(storage.read_bytes(storage.join(spec["out"], "_stats.json")))
     return {
         "wall_s": round(wall, 2),
+        "stage_s": stats["throughput"]["seconds"],  # the stage's own: Ray start-up excluded
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "stats_bytes": stats_size,
         "samples": stats["samples"],
@@ -139,14 +145,15 @@ def run_one(spec: dict) -> dict:
     }
 
 
-def _spawn(flag: str, argument: str) -> dict:
-    """This script with `flag argument` in a fresh process running `CODE`'s modules; its last
-    stdout line as JSON."""
-    env = {**os.environ, "PYTHONPATH": str(CODE), "SCALE_CODE": str(CODE)}
+def _spawn(flag: str, argument: str, code: Path | None = None) -> dict:
+    """This script with `flag argument` in a fresh process running `code`'s modules (default
+    `CODE`); its last stdout line as JSON."""
+    code = code or CODE
+    env = {**os.environ, "PYTHONPATH": str(code), "SCALE_CODE": str(code)}
     for _ in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up wait: try again
         result = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), flag, argument],
-            cwd=str(CODE), env=env, capture_output=True, text=True,
+            cwd=str(code), env=env, capture_output=True, text=True,
         )
         if "node timed out during startup" not in result.stderr:
             break
@@ -155,8 +162,82 @@ def _spawn(flag: str, argument: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def spawn_run(spec: dict) -> dict:
-    return _spawn("--run", json.dumps(spec))
+def spawn_run(spec: dict, code: Path | None = None) -> dict:
+    return _spawn("--run", json.dumps(spec), code)
+
+
+def finish_in_process(spec: dict) -> dict:
+    """Write every output of `spec`'s stage with the stage's own worker, in this process (no
+    Ray): a finished job to time resumes on when starting Ray is what the machine cannot do."""
+    from pipeline.io import storage
+    from pipeline.io.shards import discover_shards
+    from pipeline.stages.filtering import PRESETS
+    from pipeline.stages.stage import plan_shards, run_shard
+
+    shards = discover_shards([spec["web"]])
+    if spec["stage"] == "parse":
+        from nlp.phrases import ExtractorSettings
+        from nlp.pipeline_loader import find_pipeline
+        from pipeline.io.shards import CaptionColumns
+        from pipeline.stages.parse_captions import CaptionShardWorker
+
+        worker = CaptionShardWorker(settings=ExtractorSettings(), columns=CaptionColumns(),
+                                    pipeline_name=find_pipeline(None), batch_size=256)
+        markers, suffix = spec["out"], ".parquet"
+    else:
+        from pipeline.stages.filter_stage import FilterConfig, FilterWorker
+
+        worker = FilterWorker(config=FilterConfig(inputs=(spec["web"],), detections=spec["detections"],
+                                                  out=spec["out"], policy=PRESETS["glip"]))
+        markers, suffix = storage.join(spec["out"], "pseudo"), ".tar"
+    storage.makedirs(markers)
+    started = time.perf_counter()
+    plan = plan_shards(shards, out=markers, suffix=suffix, overwrite=False)
+    failed = sum(run_shard(worker, task).error is not None for task in plan.pending)
+    return {"seconds": round(time.perf_counter() - started, 1), "shards": len(plan.pending), "failed": failed}
+
+
+def bench_resume(n: int, *, args, root: str) -> list[dict]:
+    """Resume of a finished job of N shards (made in-process): with `--compare-code` (which
+    ignores the shard log), then with this code without the log (it reads every output and
+    writes the log) and with it."""
+    from make_corpus import write_corpus
+
+    from pipeline.io import storage
+
+    k = samples_per_shard(n, args.total_samples)
+    base = storage.join(root, f"resume-n{n}")
+    _remove_tree(base)
+    web, synthetic = storage.join(base, "web"), storage.join(base, "synthetic-detections")
+    seconds = write_corpus(web, shards=n, samples=k, detections=synthetic if "filter" in args.stages else None)
+    print(f"# N={n:,} K={k}: corpus written in {seconds:.1f} s", flush=True)
+    rows = []
+    for stage in [s for s in ("parse", "filter") if s in args.stages]:
+        spec = {"stage": stage, "workers": args.workers, "web": web, "out": storage.join(base, stage),
+                "detections": synthetic}
+        made = _spawn("--finish-run", json.dumps(spec))
+        print(f"# {stage}: {made['shards']:,} shards finished in-process in {made['seconds']} s", flush=True)
+        row = {"stage": stage, "n": n, "k": k, "store": args.store, "load": round(os.getloadavg()[0], 1)}
+        if args.compare_code:
+            other = spawn_run(spec, Path(args.compare_code).resolve())
+            row.update(other_resume_s=other["wall_s"], other_rss_mb=other["peak_rss_mb"], other_stats_bytes=other["stats_bytes"])
+        no_log = spawn_run(spec)
+        logged = spawn_run(spec)
+        assert logged["already_done"] == n and logged["written"] == 0, logged
+        row.update(no_log_resume_s=no_log["wall_s"], resume_s=logged["wall_s"], rss_mb=logged["peak_rss_mb"],
+                   stats_bytes=logged["stats_bytes"], log_bytes=_size(storage.join(spec["out"], "_shards.jsonl")))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if not args.keep:
+        _remove_tree(base)
+    return rows
+
+
+def _size(uri: str) -> int:
+    from pipeline.io import storage
+
+    location = storage.resolve(uri)
+    return int(location.fs.size(location.path)) if location.fs.exists(location.path) else 0
 
 
 # ---- the bench ---------------------------------------------------------------------------
@@ -194,7 +275,7 @@ def bench_size(n: int, *, args, root: str, teacher: str) -> list[dict]:
         resumed = spawn_run(spec)
         assert resumed["written"] == 0 and resumed["already_done"] == fresh["written"], (fresh, resumed)
         row = {"stage": stage, "n": n, "k": k, "store": args.store, **fresh, "resume_s": resumed["wall_s"],
-               "resume_rss_mb": resumed["peak_rss_mb"]}
+               "resume_rss_mb": resumed["peak_rss_mb"], "load": round(os.getloadavg()[0], 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.keep:
@@ -211,20 +292,20 @@ def _remove_tree(uri: str) -> None:
 
 
 def print_table(rows: list[dict], total: int) -> None:
-    print("\n| stage | store | N | K | wall s | s/shard overhead | driver peak RSS MB | _stats.json bytes | resume s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| stage | store | N | K | wall s | stage s | s/shard overhead | driver peak RSS MB | _stats.json bytes | resume s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     previous: dict[tuple[str, str], dict] = {}
     for row in rows:
         key = (row["stage"], row["store"])
         before = previous.get(key)
         slope = "-"
         if before is not None and row["n"] > before["n"]:
-            value = (row["wall_s"] - before["wall_s"]) / (row["n"] - before["n"])
+            value = (row["stage_s"] - before["stage_s"]) / (row["n"] - before["n"])
             bound = "" if row["n"] <= total else " (<=)"  # K=1 above the fixed sample count
             slope = f"{value * 1000:.1f} ms{bound}"
         previous[key] = row
         print(
-            f"| {row['stage']} | {row['store']} | {row['n']:,} | {row['k']} | {row['wall_s']:.1f} | {slope} | "
+            f"| {row['stage']} | {row['store']} | {row['n']:,} | {row['k']} | {row['wall_s']:.1f} | {row['stage_s']:.1f} | {slope} | "
             f"{row['peak_rss_mb']:.0f} | {row['stats_bytes']:,} | {row['resume_s']:.1f} |"
         )
 
@@ -304,12 +385,19 @@ def main() -> None:
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--loader-run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--finish-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-only", action="store_true",
+                        help="Time only resumes of finished jobs made in-process (no Ray for the fresh run).")
+    parser.add_argument("--compare-code", default=None, help="--resume-only: also time this checkout's resume.")
     args = parser.parse_args()
     if args.run:
         print(json.dumps(run_one(json.loads(args.run))))
         return
     if args.loader_run:
         print(json.dumps(loader_one(json.loads(args.loader_run))))
+        return
+    if args.finish_run:
+        print(json.dumps(finish_in_process(json.loads(args.finish_run))))
         return
     if args.teacher_run:
         from sample_shards import tiny_teacher
@@ -332,6 +420,8 @@ def main() -> None:
     try:
         if args.loader:
             rows = bench_loader(args, root)
+        elif args.resume_only:
+            rows = [row for n in args.sizes for row in bench_resume(n, args=args, root=root)]
         else:
             teacher = str(work / "teacher.pth") if "pseudo" in args.stages else ""
             if teacher:
