@@ -68,6 +68,7 @@ def _config(
         seed=3,
         log_every=log_every,
         fail_at_step=fail_at_step,
+        max_failures=0,  # an interruption stops the run, as a killed job does (restarts: test_lost_node.py)
         model=StudentModel(
             variant=variant, init=init, init_text=init_text, freeze_text=freeze_text, freeze_backbone=freeze_backbone,
             init_backbone=init_backbone,

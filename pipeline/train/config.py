@@ -149,10 +149,15 @@ class TrainConfig:
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     log_every: int = 10
     fail_at_step: int | None = None  # fault injection for resume drills
+    # Worker-group failures (a node or worker lost, an error in a worker) restarted from the
+    # last checkpoint before the run stops (Ray Train's FailureConfig.max_failures; -1: no limit).
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.max_failures < -1:
+            raise ValueError(f"--max-failures must be >= -1 (-1: no limit), got {self.max_failures}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,8 +13,9 @@ Layout of OUT:
     student.pth            final weights (official layout)
     metrics.jsonl          one line per logged step (loss terms, lr, samples/s)
     train_config.json      the resolved configuration
-    _stats.json            steps, throughput, skipped samples, final loss
+    _stats.json            steps, throughput, skipped samples, final loss, restarts
     ray/run/checkpoint_*/  model.pth, train_state.pt, rank_{r}.pt
+    ray/run/restarts.json  this session's worker-group failures (`pipeline.train.restarts`)
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
 
     from pipeline.cluster import init_ray, shutdown_ray
     from pipeline.train.loop import train_worker
+    from pipeline.train.restarts import RESTARTS_FILE, RestartFollower, RestartRecorder
 
     out, storage_path = config.out, _storage(config.out)
     snapshot = f"{storage_path}/{RUN_NAME}/{_SNAPSHOT}"
@@ -108,6 +110,9 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
     if resume:
         _check_resumable(storage.join(out, CONFIG_FILE), config)
     storage.write_atomic(storage.join(out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
+    restarts_path = f"{storage_path}/{RUN_NAME}/{RESTARTS_FILE}"
+    if storage.exists(restarts_path):
+        storage.remove(restarts_path)  # it lists this session's restarts
 
     # Embedded loopback-only Ray unless --address. Ray Train's controller watchdog polls the
     # state API, which lives in the dashboard: without it every poll logs a warning.
@@ -129,9 +134,18 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
                 name=RUN_NAME,
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints.keep),
-                failure_config=FailureConfig(max_failures=0),
+                # A failed worker group (a node lost, a worker killed) starts again from the last
+                # checkpoint; RestartRecorder writes down each failure for the line and _stats.json.
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                callbacks=[
+                    RestartRecorder(
+                        path=restarts_path, max_failures=config.max_failures, workers=resources.workers,
+                        step=_checkpointed_step(storage_path) if resume else None,
+                    )
+                ],
             ),
         )
+        restarts = RestartFollower(restarts_path)
         try:
             result = trainer.fit()
         except TrainingFailedError as exc:
@@ -139,13 +153,24 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
                 f"training stopped before step {config.steps}: {_worker_error(exc)}; "
                 f"its last checkpoint is under {storage_path}/{RUN_NAME}: continue with --resume"
             ) from exc
+        finally:
+            restart_events = restarts.finish()
     finally:
         if progress is not None:
             progress.finish()
         shutdown_ray(started_ray)
     if result.checkpoint is None:
         raise TrainingInterrupted(f"the run in {out} reported no checkpoint")
-    return _finish(config, result, time.time() - started)
+    return _finish(config, result, time.time() - started, restarts=restart_events)
+
+
+def _checkpointed_step(storage_path: str) -> int | None:
+    """The step of the run's latest checkpoint folder (`checkpoint_00000004` -> 4), if any."""
+    steps = [
+        int(name[len("checkpoint_"):]) for name in storage.list_names(f"{storage_path}/{RUN_NAME}")
+        if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()
+    ]
+    return max(steps, default=None)
 
 
 def _follows_progress(config: TrainConfig) -> bool:
@@ -200,7 +225,7 @@ class _ProgressFollower:
                 self.printed_step, self.skipped = record["step"], record.get("skipped_samples", 0)
 
 
-def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
+def _finish(config: TrainConfig, result, seconds: float, *, restarts: list[dict]) -> TrainOutcome:
     """Copy the last checkpoint's weights to OUT/student.pth and write OUT/_stats.json."""
     from pipeline.train.checkpoints import MODEL_FILE
 
@@ -210,7 +235,7 @@ def _finish(config: TrainConfig, result, seconds: float) -> TrainOutcome:
             while chunk := source.read(16 << 20):
                 handle.write(chunk)
     metrics = result.metrics or {}
-    _write_stats(config, metrics, result.checkpoint.path, seconds)
+    _write_stats(config, metrics, result.checkpoint.path, seconds, restarts=restarts)
     return TrainOutcome(
         student=student,
         checkpoint=result.checkpoint.path,
@@ -245,7 +270,7 @@ def _check_resumable(path: str, config: TrainConfig) -> None:
         raise ValueError(f"--resume: these settings differ from the interrupted run ({path}): {details}")
 
 
-def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: float) -> None:
+def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: float, *, restarts: list[dict]) -> None:
     from pipeline.train.loop import METRICS_FILE
 
     lines = []
@@ -265,6 +290,9 @@ def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: f
         "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},
         "samples_per_s": sum(rates) / len(rates) if rates else None,
         "wall_s_this_session": seconds,
+        # Worker-group failures of this session, each restarted from the last checkpoint (--max-failures).
+        "restarts": sum(1 for event in restarts if event.get("restarted")),
+        "restart_events": [{k: v for k, v in event.items() if k != "line"} for event in restarts],
         "workers": config.resources.workers,
         "use_gpu": config.resources.use_gpu,
         "checkpoint": checkpoint,

@@ -133,6 +133,11 @@ def train_student(
         None, "--init-backbone", help="'imagenet' (or the file's path): ImageNet MobileNetV2 weights for the visual body (tiny-mnv2)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out exactly."),
+    max_failures: int = typer.Option(
+        _RUN.max_failures, "--max-failures", min=-1,
+        help="Worker-group failures (a node or worker lost, an error in a worker) restarted from the last checkpoint "
+        "before the run stops; 0: stop at the first (then --resume), -1: no limit.",
+    ),
     workers: int = typer.Option(_RES.workers, "--workers", help="Ray Train workers (DDP)."),
     use_gpu: bool = typer.Option(_RES.use_gpu, "--use-gpu", help="One GPU per worker."),
     cpus_per_worker: Optional[int] = typer.Option(None, help="CPUs per worker (default: all cores / workers locally, 4 with GPUs)."),
@@ -209,6 +214,7 @@ def train_student(
         steps=total_steps,
         seed=seed,
         log_every=log_every,
+        max_failures=max_failures,
         model=StudentModel(
             variant=config, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
             freeze_backbone=freeze_backbone, grad_checkpointing=grad_checkpointing, regularisers=regularisers,
