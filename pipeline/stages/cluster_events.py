@@ -176,32 +176,40 @@ class ClusterWatch:
     def follow(self, reports: Iterator[ShardReport]) -> Iterator[ShardReport]:
         """`reports` as they come, noting each shard done; raises `NoWorkerNodes` when no
         node could run a worker for the node wait (the iterator would wait forever)."""
-        inbox: queue.Queue = queue.Queue(maxsize=1024)
-        done = object()
+        inbox: queue.Queue = queue.Queue()
+        done, stop = object(), threading.Event()
 
         def pump() -> None:
             try:
                 for report in reports:
+                    if stop.is_set():
+                        # Abandoned: closing the generator shuts Ray Data's executor down, so
+                        # it does not take up the stage again when nodes come back.
+                        getattr(reports, "close", lambda: None)()
+                        return
                     inbox.put(report)
                 inbox.put(done)
             except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
                 inbox.put(error)
 
         threading.Thread(target=pump, name=f"{self.stage}-reports", daemon=True).start()
-        while True:
-            try:
-                item = inbox.get(timeout=0.5)
-            except queue.Empty:
-                if self.fatal is not None:
-                    self._abort()
-                continue
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            with self._lock:
-                self._reported.add(item.shard_id)
-            yield item
+        try:
+            while True:
+                try:
+                    item = inbox.get(timeout=0.5)
+                except queue.Empty:
+                    if self.fatal is not None:
+                        self._abort()
+                    continue
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                with self._lock:
+                    self._reported.add(item.shard_id)
+                yield item
+        finally:
+            stop.set()
 
     def summary(self) -> dict[str, object]:
         """The `cluster` section of `_stats.json`."""

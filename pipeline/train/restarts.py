@@ -7,7 +7,7 @@ controller (an actor); `RestartRecorder` is a Ray Train callback running there t
 record per failure in `OUT/ray/run/restarts.json`. On the driver, `RestartFollower` prints each
 new record as one line as it appears, e.g.
 
-    train-student: worker 1 lost (ActorDiedError: The actor died unexpectedly ...); restarting all 2 workers from the checkpoint of step 4 (restart 1 of at most 3, --max-failures)
+    train-student: the worker group failed (worker 1: RuntimeError: ... Connection reset by peer ...); restarting all 2 workers from the checkpoint of step 4 (restart 1 of at most 3, --max-failures)
 
 (printed by the driver: the controller's own output need not reach it), and the driver puts
 the records in `_stats.json` (`restarts`, `restart_events`) when the run ends.
@@ -48,14 +48,16 @@ class RestartRecorder(UserCallback):
         failure = len(self.events) + 1
         restarts = failure <= self.max_failures or self.max_failures < 0
         origin = f"the checkpoint of step {self.step}" if self.step is not None else "the first step (no checkpoint yet)"
-        what = "lost" if died else "failed"
+        # A lost node often shows first as the survivors' collective error (gloo: "Connection
+        # reset by peer"), before Ray reports the dead actor: name the group, then the ranks.
+        what = "lost a worker" if died else "failed"
         plural = "s" if len(ranks) > 1 else ""
         limit = "no limit" if self.max_failures < 0 else f"at most {self.max_failures}"
         then = (
             f"restarting all {self.workers} workers from {origin} (restart {failure} of {limit}, --max-failures)"
             if restarts else f"no restart left (--max-failures {self.max_failures}): the run stops; continue it with --resume"
         )
-        line = f"train-student: worker{plural} {', '.join(map(str, ranks))} {what} ({reason[:200]}); {then}"
+        line = f"train-student: the worker group {what} (worker{plural} {', '.join(map(str, ranks))}: {reason[:200]}); {then}"
         self.events.append({
             "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "ranks": ranks, "lost": died,
             "error": reason[:500], "from_step": self.step if restarts else None, "restarted": restarts, "line": line,
