@@ -107,8 +107,10 @@ def _start_embedded(*, num_cpus: int | None, num_gpus: int | None, include_dashb
     "no such actor" and removed a live training's placement group ("Destroying worker since
     its placement group was removed"). Setting RAY_TMPDIR before the raylet starts (workers
     inherit it) and writing our own address there makes every such lookup find this cluster.
-    Why the ports: the dashboard (8265) and its agent (52365) have fixed defaults; a second
-    cluster on the machine must not reach for the first one's.
+    Why the port: the dashboard's default (8265) may be another cluster's; a free one is taken.
+    (Ray's other ports are chosen free by Ray itself; its dashboard agent's fixed default is
+    not settable through `ray.init`, and two trainings side by side run with it as it is:
+    tests/test_two_engines.py.)
     """
     import ray
     from ray._private.utils import write_ray_address
