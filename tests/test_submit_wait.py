@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.pseudo_fixtures import coco_samples, write_shard
-from tests.test_cluster_submit import _free_port, bare_head_env, head_command, stop_head
+from tests.ray_heads import bare_head_env, free_port, head_command, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
@@ -35,7 +35,7 @@ def late_head(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("late")
     (root / "shards").mkdir()
     write_shard(root / "shards" / "00000.tar", [(k, "jpg", d, c) for k, d, c in coco_samples(shared_data, 4)])
-    dashboard = _free_port()
+    dashboard = free_port()
     address = f"http://127.0.0.1:{dashboard}"
     out = root / "phrases"
     stage = ["parse-captions", str(root / "shards"), "--out", str(out), "--workers", "1"]
@@ -97,7 +97,7 @@ def test_other_errors_are_immediate(late_head, tmp_path):
 
 
 def test_no_cluster_within_the_wait_is_one_line(tmp_path):
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = subprocess.run(_submit(address, "--wait-cluster", "3", "--", "parse-captions", str(tmp_path), "--out", str(tmp_path / "o")),
                             cwd=REPO, env=CLIENT_ENV, capture_output=True, text=True, timeout=120)
