@@ -6,8 +6,12 @@ selector here must reproduce them exactly from the same inputs: the same boxes, 
 and the same scores up to torch's own float32 rounding. The scores are `sqrt(sigmoid(logit) *
 sigmoid(centerness))`, and torch's vectorised sigmoid rounds the last bit differently by CPU
 instruction set (the reference CPU had AVX-512: `ATEN_CPU_CAPABILITY=avx2` or `default` shifts a few
-scores by one unit in the last place, ULP). So scores are compared to within `SCORE_ULPS`; everything
-else is exact.
+scores by one unit in the last place, ULP). Box decoding's `exp` does the same: on the machine of
+2026-12-07 (an AVX-512 Xeon) a few box coordinates of the unchanged code came out one ULP off
+(8 of 5,000 candidates, 1-2 of 400 detections). So scores are compared to within `SCORE_ULPS`
+and box coordinates to within `BOX_ATOL` pixels (two float32 ULPs at 1,024 px: a coordinate near
+0 comes out of a difference of larger numbers, so its own ULP is no measure); labels, the
+candidate sets and the order are exact.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def anchors():
 
 
 SCORE_ULPS = 2  # float32 units in the last place a score may differ by (the module docstring)
+BOX_ATOL = 2.5e-4  # pixels a box coordinate may differ by (the module docstring)
 
 
 def _rows(boxes, scores, labels) -> np.ndarray:
@@ -59,15 +64,16 @@ def _rows(boxes, scores, labels) -> np.ndarray:
 
 
 def _assert_same_rows(found: np.ndarray, expected: np.ndarray, message: str = "") -> None:
-    """The same set of candidates: boxes and labels exact, scores within SCORE_ULPS."""
+    """The same set of candidates: labels exact, boxes within BOX_ATOL, scores within SCORE_ULPS."""
     assert found.shape == expected.shape, message
-    np.testing.assert_array_equal(found[:, [0, 1, 2, 3, 5]], expected[:, [0, 1, 2, 3, 5]], err_msg=message)
+    np.testing.assert_array_equal(found[:, 5], expected[:, 5], err_msg=message)
+    np.testing.assert_allclose(found[:, :4], expected[:, :4], rtol=0, atol=BOX_ATOL, err_msg=message)
     np.testing.assert_array_max_ulp(found[:, 4], expected[:, 4], maxulp=SCORE_ULPS)
 
 
 def _assert_same_detections(result: dict, z, prefix: str) -> None:
-    """The documented order, boxes and labels exact, scores within SCORE_ULPS."""
-    np.testing.assert_array_equal(result["boxes"].numpy(), z[f"{prefix}_boxes"])
+    """The documented order, labels exact, boxes within BOX_ATOL, scores within SCORE_ULPS."""
+    np.testing.assert_allclose(result["boxes"].numpy(), z[f"{prefix}_boxes"], rtol=0, atol=BOX_ATOL)
     np.testing.assert_array_max_ulp(result["scores"].numpy(), z[f"{prefix}_scores"], maxulp=SCORE_ULPS)
     np.testing.assert_array_equal(result["labels"].numpy(), z[f"{prefix}_labels"])
 
@@ -131,7 +137,7 @@ def test_more_than_80_labels(run, anchors):
     shifted = {label + 100: tokens for label, tokens in REFERENCE_TOKENS.items()}
     (result,) = ATSSPostProcessor()(regression, centerness, logits, anchors, [IMAGE_SIZE], [shifted], num_classes=200)
     # same candidate order (classes keep their relative order), labels moved by 100
-    np.testing.assert_array_equal(result["boxes"].numpy(), run["final_boxes"])
+    np.testing.assert_allclose(result["boxes"].numpy(), run["final_boxes"], rtol=0, atol=BOX_ATOL)
     np.testing.assert_array_equal(result["labels"].numpy(), run["final_labels"] + 100)
     with pytest.raises(ValueError, match="raise num_classes"):
         ATSSPostProcessor()(regression, centerness, logits, anchors, [IMAGE_SIZE], [shifted])
