@@ -43,8 +43,10 @@ class LocalCluster:
                         "num_cpus": 0, "node_ip_address": "127.0.0.1", "temp_dir": str(root / "ray"),
                         "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
                         **self._ports(),
-                        # A lost raylet is declared dead after ~5 s instead of ~15 s (Ray's defaults).
-                        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
+                        # A lost raylet is declared dead after ~0.6 s instead of ~15 s (Ray's defaults:
+                        # 3 s x 5). A killed raylet fails each check at once; a slow one still has
+                        # health_check_timeout_ms (10 s) to answer, so a busy machine does not lose nodes.
+                        "_system_config": {"health_check_period_ms": 200, "health_check_failure_threshold": 3},
                     },
                 )
                 break
@@ -91,6 +93,11 @@ def cluster():
     previous = os.environ.get("RAY_TMPDIR")
     root = Path(tempfile.mkdtemp(prefix="ln-", dir=previous or "/tmp"))  # short: socket paths are length-limited
     os.environ["RAY_TMPDIR"] = str(root)
+    # Each shard worker waits 1 s per shard (the nodes' raylets, started from this process, pass
+    # it to their workers): six tiny shards would otherwise be done before Ray declares a node
+    # lost at the first output dead, and the stage would rightly never hear of the loss (CI).
+    delay = os.environ.get("PIPELINE_TESTING_SHARD_DELAY_S")
+    os.environ["PIPELINE_TESTING_SHARD_DELAY_S"] = "1.0"
     # Ray Train's controller polls its workers every 2 s by default: too slow for short runs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     test_cluster = None
@@ -103,10 +110,11 @@ def cluster():
         if test_cluster is not None:
             test_cluster.cluster.shutdown()
         stop_head(root)  # anything of ours a failed node start left behind (by pid, never `ray stop`)
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
+        for name, value in (("RAY_TMPDIR", previous), ("PIPELINE_TESTING_SHARD_DELAY_S", delay)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(root, ignore_errors=True)
 
 

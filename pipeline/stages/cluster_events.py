@@ -160,7 +160,10 @@ class ClusterWatch:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if exc_info[0] is None:
-            self._tick(nodes=False)  # the last starts, for shards_by_node
+            # The last starts (for shards_by_node), and the nodes once more: a node whose loss
+            # held the stage up (a shard in flight there) is dead in the GCS by now, maybe not
+            # yet polled.
+            self._tick(nodes=True)
         if self.ledger is not None:
             ray.kill(self.ledger)
 

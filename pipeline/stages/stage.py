@@ -244,14 +244,26 @@ class ShardActor:
     def __init__(self, *, worker_factory: Callable[[], ShardWorker], ledger=None) -> None:
         self.worker = worker_factory()
         self.starts = StartNotifier(ledger)
+        self.delay_s = testing_shard_delay()
 
     def __call__(self, batch: dict[str, object]) -> dict[str, list[str]]:
         tasks = [ShardTask.from_json(str(text)) for text in batch["task"]]  # type: ignore[union-attr]
         reports = []
         for task in tasks:
             self.starts.started(task.shard_id)
+            if self.delay_s:
+                time.sleep(self.delay_s)
             reports.append(run_shard(self.worker, task).to_json())
         return {"report": reports}
+
+
+def testing_shard_delay() -> float:
+    """Fault injection for tests (as Ray's own `testing_*` settings): seconds each worker waits
+    before each shard, from `PIPELINE_TESTING_SHARD_DELAY_S` in the worker's environment. A
+    test that loses a node mid-stage needs the stage to outlast Ray's detection of the loss;
+    a few tiny shards would not. Never set it for real work."""
+    value = os.environ.get("PIPELINE_TESTING_SHARD_DELAY_S", "").strip()
+    return max(0.0, float(value)) if value else 0.0
 
 
 def run_shard(worker: ShardWorker, task: ShardTask) -> ShardReport:
