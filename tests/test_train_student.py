@@ -137,6 +137,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(ray_cluster, tmp_pat
     assert steps == [1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         run_training(_config(tmp_path / "c", overfit_json, images), resume=True)
+    # Failing before the first checkpoint: the cause, and no --resume advice (nothing to resume).
+    with pytest.raises(TrainingInterrupted) as early:
+        run_training(_config(tmp_path / "d", overfit_json, images, fail_at_step=1, checkpoint_every=1000))
+    assert str(early.value).startswith("training stopped before its first checkpoint: ") and "--resume" not in str(early.value)
+    assert "simulated interruption after step 1" in str(early.value), str(early.value)
 
 
 def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_json, shared_data):
@@ -161,6 +166,7 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert info.variant == "tiny" and not model.training
     checkpoint_dir = out / "ray" / "run" / "checkpoint_00000002"
     assert {"model.pth", "train_state.pt", "rank_0.pt", "rank_1.pt"} <= {p.name for p in checkpoint_dir.iterdir()}
+    assert student.stat().st_ino == (checkpoint_dir / "model.pth").stat().st_ino  # the weights once on disk (a hard link)
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
     assert stats["samples_by_source_worker0"] == {"coco": 2}  # the measured mix: 2 steps of 1 on worker 0
@@ -178,6 +184,47 @@ def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_pat
     assert paired.exit_code == 2 and "--pseudo-per-step adds pseudo samples to each step's gold batch" in paired.output
     wrong_body = CliRunner().invoke(app, [*base[:2], "tiny", *base[3:], "--out", str(tmp_path / "c"), "--init-backbone", "imagenet"])
     assert wrong_body.exit_code == 2 and "only the mobilenet_v2 backbone" in wrong_body.output
+    unknown = CliRunner().invoke(app, [*base[:2], "glip-xl", *base[3:], "--out", str(tmp_path / "f")])
+    assert unknown.exit_code == 2 and "--config 'glip-xl': not a variant" in unknown.output
+
+
+def test_the_variant_follows_the_init_checkpoint_and_a_wrong_config_is_refused_before_ray(tmp_path, overfit_json, shared_data):
+    """`--config auto` (the default with `--init`) builds the variant the file holds; a given
+    `--config` it does not fit is one line, exit 2, in seconds, with no Ray and nothing written."""
+    import time
+
+    from model.checkpoint import save_glip
+    from model.config import get_config
+    from model.glip import GLIP
+    from pipeline.train.student import student_variant
+
+    torch.manual_seed(0)
+    mnv2 = save_glip(GLIP(get_config("tiny-mnv2")), tmp_path / "mnv2.pth", provenance={"note": "random"})
+    assert student_variant(None, str(mnv2)) == "tiny-mnv2" == student_variant("auto", str(mnv2))
+    assert student_variant("tiny-mnv2", str(mnv2)) == "tiny-mnv2" and student_variant(None, None) == "tiny"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, [
+        "train-student", "--config", "glip-l", "--init", str(mnv2), "--out", str(tmp_path / "run"), "--coco", str(overfit_json),
+        "--images", str(shared_data / IMAGES), "--steps", "1",
+    ])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert errors == [f"error: --init {mnv2} holds a tiny-mnv2 model, not --config glip-l: leave --config out (auto) to train a tiny-mnv2"]
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+
+def test_paired_batches_are_the_default_with_pseudo_and_gold_and_an_undrawn_source_is_named():
+    from pipeline.train.driver import sources_without_samples
+    from pipeline.train.student import default_pseudo_per_step
+
+    pseudo, coco = SourceSpec(kind="pseudo", paths=("p",)), SourceSpec(kind="coco", paths=("c.json",), images="i")
+    assert default_pseudo_per_step((pseudo, coco), batch_size=3, mix=[]) == 3
+    assert default_pseudo_per_step((pseudo, coco), batch_size=3, mix=["pseudo=2"]) == 0  # a weight asks for mixing
+    assert default_pseudo_per_step((pseudo,), batch_size=3, mix=[]) == 0 == default_pseudo_per_step((coco,), batch_size=3, mix=[])
+    config = TrainConfig(out="x", steps=2, data=DataConfig(sources=(pseudo, coco)))
+    assert sources_without_samples(config, {"step": 2, "loss": 1.0, "samples_coco": 2, "samples_pseudo": 0}) == ["pseudo"]
+    assert sources_without_samples(config, {"step": 2, "samples_coco": 2}) == ["pseudo"]
+    assert sources_without_samples(config, {"step": 2, "samples_coco": 1, "samples_pseudo": 1}) == []
 
 
 def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_cluster, tmp_path, shared_data):
@@ -201,13 +248,14 @@ def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_clust
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
     assert stats["samples_by_source_worker0"] == {"pseudo": 2}  # pseudo shards only: every sample drawn is pseudo
-    # the same shards paired with gold (`--pseudo-per-step 1`): each step is 1 gold + 1 pseudo sample per worker
+    # the same shards beside gold: paired by default (`--pseudo-per-step` = `--batch-size`): each step is 1 gold
+    # + 1 pseudo sample per worker
     paired = tmp_path / "paired"
     result = CliRunner().invoke(
         app,
         [
             "train-student", "--config", "tiny-cpu", "--out", str(paired), "--pseudo", str(tmp_path / "pseudo"),
-            "--coco", str(shared_data / COCO), "--images", str(shared_data / IMAGES), "--pseudo-per-step", "1",
+            "--coco", str(shared_data / COCO), "--images", str(shared_data / IMAGES),  # paired by default: 1 + 1
             "--steps", "2", "--batch-size", "1", "--min-size", "128", "--max-size", "192", "--freeze-text",
             "--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "2", "--log-every", "1",
         ],
@@ -215,7 +263,7 @@ def test_two_workers_train_on_pseudo_shards_that_filtering_left_uneven(ray_clust
     assert result.exit_code == 0, result.output
     stats = json.loads((paired / "_stats.json").read_text())
     assert stats["samples"] == 8 and stats["samples_by_source_worker0"] == {"coco": 2, "pseudo": 2}
-    assert stats["config"]["data"]["pseudo_per_step"] == 1
+    assert stats["config"]["data"]["pseudo_per_step"] == 1 and stats["sources_without_samples"] == []
 
 
 def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json, shared_data):

@@ -149,6 +149,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
         try:
             result = trainer.fit()
         except TrainingFailedError as exc:
+            if _checkpointed_step(storage_path) is None:  # nothing to resume: the cause is all there is to say
+                raise TrainingInterrupted(f"training stopped before its first checkpoint: {_worker_error(exc)}") from exc
             raise TrainingInterrupted(
                 f"training stopped before step {config.steps}: {_worker_error(exc)}; "
                 f"its last checkpoint is under {storage_path}/{RUN_NAME}: continue with --resume"
@@ -230,18 +232,43 @@ def _finish(config: TrainConfig, result, seconds: float, *, restarts: list[dict]
     from pipeline.train.checkpoints import MODEL_FILE
 
     student = storage.join(config.out, STUDENT_FILE)
-    with result.checkpoint.as_directory() as directory, open(Path(directory) / MODEL_FILE, "rb") as source:
-        with storage.atomic_writer(student) as handle:
-            while chunk := source.read(16 << 20):
-                handle.write(chunk)
+    with result.checkpoint.as_directory() as directory:
+        weights = Path(directory) / MODEL_FILE
+        if not _link_atomically(weights, student):
+            with open(weights, "rb") as source, storage.atomic_writer(student) as handle:
+                while chunk := source.read(16 << 20):
+                    handle.write(chunk)
     metrics = result.metrics or {}
-    _write_stats(config, metrics, result.checkpoint.path, seconds, restarts=restarts)
+    unused = sources_without_samples(config, metrics)
+    if unused:
+        print(
+            f"train-student: warning: worker 0 drew no {' and no '.join(unused)} sample in {metrics.get('step', config.steps)} "
+            "steps: raise its --mix weight, or pair batches (--pseudo-per-step)",
+            file=sys.stderr, flush=True,
+        )
+    _write_stats(config, metrics, result.checkpoint.path, seconds, restarts=restarts, unused=unused)
     return TrainOutcome(
         student=student,
         checkpoint=result.checkpoint.path,
         steps=int(metrics.get("step", config.steps)),
         final_loss=metrics.get("loss"),
     )
+
+
+def _link_atomically(source: Path, target: str) -> bool:
+    """`target` as a hard link of the last checkpoint's weights when both are on one local
+    filesystem: the weights are on disk once (a GLIP-L file is 1.7 GB), and the link outlives
+    the checkpoint folder should `--keep-checkpoints` remove it later. False: copy instead."""
+    if "://" in target or "://" in str(source):
+        return False
+    temporary = Path(target).parent / storage.temporary_name(Path(target).name)
+    try:
+        os.link(source, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return False
+    return True
 
 
 # Settings that must not change when a run is resumed (the rest, e.g. logging, may).
@@ -270,7 +297,17 @@ def _check_resumable(path: str, config: TrainConfig) -> None:
         raise ValueError(f"--resume: these settings differ from the interrupted run ({path}): {details}")
 
 
-def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: float, *, restarts: list[dict]) -> None:
+def sources_without_samples(config: TrainConfig, metrics: dict) -> list[str]:
+    """Kinds of data given to the run that worker 0 never drew a sample of."""
+    drawn = {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")}
+    if not drawn:
+        return []
+    return sorted({spec.kind for spec in config.data.sources if not drawn.get(spec.kind)})
+
+
+def _write_stats(
+    config: TrainConfig, metrics: dict, checkpoint: str, seconds: float, *, restarts: list[dict], unused: list[str]
+) -> None:
     from pipeline.train.loop import METRICS_FILE
 
     lines = []
@@ -288,6 +325,7 @@ def _write_stats(config: TrainConfig, metrics: dict, checkpoint: str, seconds: f
         "final_loss": metrics.get("loss"),
         "skipped_samples": metrics.get("skipped_samples", 0),
         "samples_by_source_worker0": {k[len("samples_"):]: v for k, v in metrics.items() if k.startswith("samples_")},
+        "sources_without_samples": unused,  # kinds given but never drawn by worker 0 (a warning line too)
         "samples_per_s": sum(rates) / len(rates) if rates else None,
         "wall_s_this_session": seconds,
         # Worker-group failures of this session, each restarted from the last checkpoint (--max-failures).

@@ -93,10 +93,58 @@ def steps_for_epochs(epochs: float, sources: tuple[SourceSpec, ...], *, batch_si
     return max(1, math.ceil(epochs * total / (batch_size * workers)))
 
 
+def student_variant(config: str | None, init: str | None) -> str:
+    """The variant to build, checked against `--init` before Ray starts: `auto` (the default
+    with `--init`) takes the file's own (our metadata, else the official key layout); a given
+    variant the file does not fit is refused in one line naming the variant it holds."""
+    from model.checkpoint import CheckpointError, inspect_checkpoint
+    from model.config import VARIANTS, get_config
+
+    auto = config in (None, "auto")
+    if not auto:
+        try:
+            asked = get_config(config).name
+        except KeyError:
+            raise ValueError(f"--config {config!r}: not a variant; choose auto or one of {', '.join(VARIANTS)}") from None
+    if init is None:
+        return _MODEL.variant if auto else config
+    if "://" in init:  # an object-store checkpoint is read by the workers only
+        if auto:
+            raise ValueError(f"--init {init}: give --config with a checkpoint on an object store (only the workers read it)")
+        return config
+    try:
+        held = inspect_checkpoint(init).config.name
+    except CheckpointError:
+        if auto:
+            raise
+        inspect_checkpoint(init, config=config)  # a file that names no variant must fit the given one
+        return config
+    if auto:
+        if held not in VARIANTS:
+            raise ValueError(f"--init {init} holds a model of a configuration of its own ({held!r}): give --config")
+        return held
+    if asked != held:
+        raise ValueError(f"--init {init} holds a {held} model, not --config {config}: leave --config out (auto) to train a {held}")
+    return config
+
+
+def default_pseudo_per_step(sources: tuple[SourceSpec, ...], *, batch_size: int, mix: list[str]) -> int:
+    """Paired batches (as many pseudo images as gold ones per step) when both kinds are given
+    and no --mix weight asks for mixing by weight; else 0 (one mixed stream)."""
+    kinds = {spec.kind for spec in sources}
+    if "pseudo" in kinds and kinds - {"pseudo"} and not mix:
+        return batch_size
+    return 0
+
+
 @user_errors(ValueError, FileNotFoundError, FileExistsError, TrainingInterrupted)
 def train_student(
     out: str = typer.Option(..., "--out", help="Output folder (or s3:// URI) for checkpoints and the student."),
-    config: str = typer.Option(_MODEL.variant, "--config", help="Student variant: glip-l, glip-t, glip-t-a or tiny."),
+    config: Optional[str] = typer.Option(
+        None, "--config",
+        help=f"Student variant: glip-l, glip-t, glip-t-a, tiny, tiny-mnv2, or auto: the variant the --init checkpoint holds "
+        f"(the default with --init; {_MODEL.variant} without).",
+    ),
     pseudo: list[str] = typer.Option([], "--pseudo", help="Pseudo shard folder or tar (repeatable)."),
     coco: list[str] = typer.Option([], "--coco", help="COCO detection JSON (repeatable)."),
     grounding: list[str] = typer.Option([], "--grounding", help="MDETR/GoldG grounding JSON (repeatable)."),
@@ -110,10 +158,11 @@ def train_student(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over all data (instead of --steps)."),
     batch_size: int = typer.Option(_DATA.batch_size, "--batch-size", help="Images per worker per step (the gold images with --pseudo-per-step)."),
-    pseudo_per_step: int = typer.Option(
-        _DATA.pseudo_per_step, "--pseudo-per-step",
+    pseudo_per_step: Optional[int] = typer.Option(
+        None, "--pseudo-per-step",
         help="Pseudo images added to each step's --batch-size gold images, per worker (Unbiased/Soft Teacher batches: the gold "
-        "part is what a gold-only run with the same seed draws). 0: every source mixed into the batch by its --mix weight.",
+        "part is what a gold-only run with the same seed draws). Default: --batch-size when both --pseudo and gold data are "
+        "given (paired batches, the demo's recipe), else 0. 0: every source mixed into the batch by its --mix weight.",
     ),
     min_size: list[int] = typer.Option(
         [], "--min-size",
@@ -204,6 +253,9 @@ def train_student(
     )
     if not sources:
         raise TrainDataError("no training data: give --pseudo, --coco, --grounding or --odvg")
+    variant = student_variant(config, init)
+    if pseudo_per_step is None:
+        pseudo_per_step = default_pseudo_per_step(sources, batch_size=batch_size, mix=mix)
     total_steps = steps if steps is not None else steps_for_epochs(
         epochs, sources, batch_size=batch_size + pseudo_per_step, workers=workers
     )
@@ -216,7 +268,7 @@ def train_student(
         log_every=log_every,
         max_failures=max_failures,
         model=StudentModel(
-            variant=config, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
+            variant=variant, init=init, init_text=init_text, init_backbone=init_backbone, freeze_text=freeze_text,
             freeze_backbone=freeze_backbone, grad_checkpointing=grad_checkpointing, regularisers=regularisers,
             drop_path=drop_path, text_dropout=text_dropout, fusion_dropout=fusion_dropout, drop_block=drop_block,
         ),
