@@ -204,6 +204,18 @@ def test_rerun_skips_done_shards_and_errors_are_clear(world, phrases, labelled, 
               str(world["teacher"]), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and "--phrases" in result.output
+    # A phrases folder of other shards (here: the image shards' own folder) is refused before
+    # Ray or the teacher, in one line naming a shard it lacks.
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        app, ["pseudo-label", str(world["shards"]), "--phrases", str(world["shards"]), "--teacher",
+              str(world["teacher"]), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and time.monotonic() - started < 30, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        f"error: --phrases {world['shards']}: holds no parse-captions output of these shards (no 00000.parquet for "
+        f"{world['shards'] / '00000.tar'}); give the --out of parse-captions run on the same input shards"
+    ]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_output(world, phrases, labelled, tmp_path):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 import sys
 import tarfile

@@ -31,7 +31,7 @@ from pipeline.io.shard_report import ShardReport, ShardTask
 from pipeline.io.shards import discover_shards, iter_webdataset_samples
 from pipeline.stages.filtering import FILTER_OPTIONS as _F
 from pipeline.stages.filtering import FilterPolicy, policy_from_options, select_samples
-from pipeline.stages.stage import StageRun, run_stage
+from pipeline.stages.stage import StageRun, check_shard_files, run_stage
 from pipeline.user_errors import user_errors
 
 STAGE = "filter"
@@ -87,6 +87,10 @@ def run_filter(config: FilterConfig, *, progress_stream: TextIO | None = None) -
     if not storage.is_dir(config.detections):
         raise FileNotFoundError(f"--detections {config.detections}: folder not found")
     storage.ensure_writable_folder(config.out)
+    check_shard_files(
+        shards, detections_folder(config.detections), suffix=".parquet", flag="--detections", made_by="pseudo-label",
+        stream=progress_stream,
+    )
     run = StageRun(
         stage=STAGE, out=config.out, suffix=".tar", marker_dir=storage.join(config.out, PSEUDO),
         overwrite=config.overwrite, workers=config.workers, address=config.address, num_cpus=1.0,

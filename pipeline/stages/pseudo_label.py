@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import queue
 import threading
 import time
@@ -48,7 +47,7 @@ from pipeline.io.shard_report import ShardReport, ShardTask
 from pipeline.io.shards import MemberTally, discover_shards
 from pipeline.stages.filtering import FILTER_OPTIONS as _F
 from pipeline.stages.filtering import PRESETS, FilterPolicy, policy_from_options, select_samples
-from pipeline.stages.stage import StageRun, run_stage
+from pipeline.stages.stage import StageRun, check_shard_files, run_stage
 from pipeline.stages.teachers import TeacherSource, inspect_teacher, load_teacher
 from pipeline.user_errors import user_errors
 
@@ -275,6 +274,7 @@ def run_pseudo_label(config: PseudoLabelConfig, *, progress_stream: TextIO | Non
     storage.ensure_writable_folder(config.out)
     if not storage.is_dir(config.phrases):
         raise FileNotFoundError(f"--phrases {config.phrases}: folder not found (the parse-captions output)")
+    check_shard_files(shards, config.phrases, suffix=".parquet", flag="--phrases", made_by="parse-captions", stream=progress_stream)
     source = inspect_teacher(config.teacher, config=config.config, min_size=config.min_size, max_size=config.max_size)
     teacher = source.to_dict()
     for folder in (DETECTIONS,):

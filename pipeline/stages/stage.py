@@ -104,6 +104,31 @@ def plan_shards(shards: Sequence[ShardSource], *, out: str, suffix: str, overwri
     return ShardPlan(pending=pending, done=done)
 
 
+def check_shard_files(
+    shards: Sequence[ShardSource], folder: str, *, suffix: str, flag: str, made_by: str, stream: TextIO | None = None
+) -> None:
+    """Before any worker starts: `folder` (one listing) must hold `{shard_id}{suffix}` of the
+    input shards, as the stage `made_by` writes them. None of them: the folder is the wrong
+    one (another corpus, a parent folder), refused in one line. Some: one warning line; those
+    shards fail and are reported in `_stats.json` like any unreadable shard."""
+    import sys
+
+    names = set(storage.list_names(folder))
+    missing = [shard for shard in shards if f"{shard.shard_id}{suffix}" not in names]
+    if shards and len(missing) == len(shards):
+        first = shards[0]
+        raise FileNotFoundError(
+            f"{flag} {folder}: holds no {made_by} output of these shards (no {first.shard_id}{suffix} for {first.uri}); "
+            f"give the --out of {made_by} run on the same input shards"
+        )
+    if missing:
+        print(
+            f"warning: {flag} {folder} has no {made_by} output for {len(missing)} of {len(shards)} shards "
+            f"(e.g. {missing[0].shard_id}{suffix}): those shards fail and are counted in _stats.json",
+            file=stream or sys.stderr, flush=True,
+        )
+
+
 def resolved_uri(uri: str) -> str:
     """`uri` as `storage.resolve` spells it (local paths absolute), without building a
     filesystem per call: planning 10^5 shards calls this 2 x 10^5 times."""
