@@ -169,7 +169,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
 def _checkpointed_step(storage_path: str) -> int | None:
     """The step of the run's latest checkpoint folder (`checkpoint_00000004` -> 4), if any."""
     steps = [
-        int(name[len("checkpoint_"):]) for name in storage.list_names(f"{storage_path}/{RUN_NAME}")
+        int(name[len("checkpoint_"):]) for name in storage.list_folders(f"{storage_path}/{RUN_NAME}")
         if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()
     ]
     return max(steps, default=None)
