@@ -84,6 +84,15 @@ def _config(
     )
 
 
+def _tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of OUT/tensorboard/, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -135,6 +144,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(ray_cluster, tmp_pat
     # The metrics log reads as one run: steps 1..4 once each.
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # So do its TensorBoard curves: the resumed writer purges what the first run logged past step 2.
+    assert [step for step, _ in _tensorboard_scalars(tmp_path / "b")["loss/total"]] == [1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         run_training(_config(tmp_path / "c", overfit_json, images), resume=True)
     # Failing before the first checkpoint: the cause, and no --resume advice (nothing to resume).
@@ -145,9 +156,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(ray_cluster, tmp_pat
 
 
 def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_json, shared_data):
+    """Also the run's scalars, read back by TensorBoard's and MLflow's own readers."""
+    from mlflow.tracking import MlflowClient
+
     from model.checkpoint import load_glip
 
-    out = tmp_path / "two"
+    out, mlruns = tmp_path / "two", f"file://{tmp_path / 'mlruns'}"
     result = CliRunner().invoke(
         app,
         [
@@ -155,9 +169,27 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
             "--coco", str(overfit_json), "--images", str(shared_data / IMAGES),
             "--steps", "2", "--batch-size", "1", "--min-size", "128", "--max-size", "192",
             "--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "1", "--log-every", "1",
+            "--mlflow-uri", mlruns, "--mlflow-experiment", "ci",
         ],
     )
     assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(out)
+    expected = {"loss/total", "loss/reg", "loss/centerness", "loss/dot_product_token", "lr/text", "lr/text_no_decay", "lr/model",
+                "lr/model_no_decay", "train/grad_norm", "train/samples_per_s", "train/num_positives"}
+    assert set(scalars) == expected, sorted(scalars)
+    assert [step for step, _ in scalars["loss/total"]] == [1, 2]  # rank 0 only: one point per step
+    assert [value for _, value in scalars["loss/total"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [v for _, v in scalars["lr/text"]] == pytest.approx([v / 10 for _, v in scalars["lr/model"]])  # --lang-lr 1e-5, --lr 1e-4
+    print("tensorboard scalars:", {tag: points for tag, points in sorted(scalars.items())})
+    client = MlflowClient(tracking_uri=mlruns)
+    stats = json.loads((out / "_stats.json").read_text())
+    run = client.get_run(stats["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["glip.student"] == str(out / "student.pth")
+    assert run.data.params["steps"] == "2" and run.data.params["resources.workers"] == "2"
+    assert set(run.data.metrics) == expected
+    history = client.get_metric_history(run.info.run_id, "loss/total")
+    assert [(m.step, m.value) for m in history] == [(step, pytest.approx(value)) for step, value in scalars["loss/total"]]
     student = out / "student.pth"
     raw = torch.load(student, map_location="cpu", weights_only=True)
     assert all(key.startswith("module.") for key in raw["model"])  # official DDP-style layout
