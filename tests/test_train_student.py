@@ -190,6 +190,12 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert set(run.data.metrics) == expected
     history = client.get_metric_history(run.info.run_id, "loss/total")
     assert [(m.step, m.value) for m in history] == [(step, pytest.approx(value)) for step, value in scalars["loss/total"]]
+    # `pipeline report` on the run: its curves come from the event files.
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "train-student: ." in page and "Curves (from TensorBoard event files)" in page
+    assert page.count('src="data:image/png;base64,') == 4  # loss terms, learning rates, gradient norm, samples/s
     student = out / "student.pth"
     raw = torch.load(student, map_location="cpu", weights_only=True)
     assert all(key.startswith("module.") for key in raw["model"])  # official DDP-style layout
