@@ -210,6 +210,21 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert stats["samples_by_source_worker0"] == {"coco": 2}  # the measured mix: 2 steps of 1 on worker 0
 
 
+def test_mlflow_without_its_extra_is_one_line_before_ray(tmp_path, overfit_json, shared_data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the mlflow extra were not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train-student", "--out", str(out), "--coco", str(overfit_json), "--images", str(shared_data / IMAGES), "--steps", "1",
+        "--mlflow-uri", "http://127.0.0.1:9",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "error: --mlflow-uri http://127.0.0.1:9: MLflow is not installed; install the extra" in result.output
+    assert not (out / "ray").exists() and not (out / "train_config.json").exists()
+
+
 def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_path, overfit_json, shared_data):
     base = ["train-student", "--config", "tiny-mnv2", "--coco", str(overfit_json), "--images", str(shared_data / IMAGES), "--steps", "1"]
     bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a"), "--augment", "wild"])

@@ -107,11 +107,11 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
         raise FileNotFoundError(f"--resume: {out} holds no run to resume (no {snapshot})")
     if not resume and storage.exists(snapshot):
         raise FileExistsError(f"{out} already holds a training run: continue it with --resume, or use a new --out")
-    if config.tracking.mlflow_uri:  # before Ray: a missing MLflow or a bad URI is one line
-        config = _with_mlflow_run(config, resume=resume)
     storage.makedirs(out)
     if resume:
         _check_resumable(storage.join(out, CONFIG_FILE), config)
+    if config.tracking.mlflow_uri:  # before Ray: a missing MLflow or a bad URI is one line
+        config = _with_mlflow_run(config, resume=resume)
     storage.write_atomic(storage.join(out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
     restarts_path = f"{storage_path}/{RUN_NAME}/{RESTARTS_FILE}"
     if storage.exists(restarts_path):

@@ -146,10 +146,10 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 def start_mlflow_run(config: TrainConfig, *, previous_run_id: str | None = None) -> str:
     """Open (or, for `--resume` of a run that had one, reopen) the MLflow run; returns its id.
     The configuration becomes the run's params, OUT its `glip.out` tag."""
+    tracking = config.tracking
+    client = _mlflow_client(tracking.mlflow_uri)  # first: without MLflow, its one line
     from mlflow.entities import Param, RunStatus
 
-    tracking = config.tracking
-    client = _mlflow_client(tracking.mlflow_uri)
     if previous_run_id:
         client.update_run(previous_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return previous_run_id
