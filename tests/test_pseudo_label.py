@@ -301,6 +301,9 @@ def test_report_of_a_labelling_run_is_one_self_contained_page(world, phrases, la
     import re
     import shutil
 
+    from pipeline.demo.report import DEMO_GENERATOR
+    from pipeline.report.page import document
+
     page_path = tmp_path / "report.html"
     result = CliRunner().invoke(app, ["report", str(world["root"]), "--out", str(page_path)])
     assert result.exit_code == 0, result.output
@@ -322,7 +325,7 @@ def test_report_of_a_labelling_run_is_one_self_contained_page(world, phrases, la
     # Without --out the page goes into RUN_DIR, but never over a page it did not write (the demo's).
     run = tmp_path / "run"
     shutil.copytree(phrases, run)
-    (run / "report.html").write_text("<html>the demo's report</html>")
+    (run / "report.html").write_text(document("demo", "the demo's report", generator=DEMO_GENERATOR))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 2 and "give --out" in result.output
     (run / "report.html").unlink()

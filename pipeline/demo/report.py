@@ -21,6 +21,7 @@ from pipeline.report.page import document, image, key_value_rows
 ARMS = ("teacher", "student", "control")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 AP_SUMMARY = ("AP", "AP50", "AP_base", "AP_tail")  # per arm and round in the rounds table
+DEMO_GENERATOR = "glip-data-engine demo"  # not `pipeline report`'s: it never overwrites this page
 PR_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
@@ -219,7 +220,7 @@ def render_html(report: dict) -> str:
                      "its threshold): the student trained on gold only, like the control.</p>")
     mix = report["student_mix"]
     recipe = html.escape(", ".join(f"{k} {v}" for k, v in report["student_recipe"].items()))
-    return document("GLIP data engine demo", f"""<h1>GLIP self-training demo</h1>
+    return document("GLIP data engine demo", generator=DEMO_GENERATOR, body=f"""<h1>GLIP self-training demo</h1>
 <p class="big">{_headline(gaps)}</p>
 <p>World <b>{html.escape(report['size'])}</b>, seed {report['seed']}, student preset <b>{html.escape(report['preset'])}</b>,
 total {report['total_seconds']} s. Every number below comes from pycocotools on this run's outputs.</p>

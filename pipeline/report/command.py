@@ -69,7 +69,7 @@ def section_html(folder: str, stats: dict) -> str:
 
 def render_report(root: str, *, progress=None) -> tuple[str, list[tuple[str, str]]]:
     """The page for `root`, and (stage, folder) of each section."""
-    from pipeline.report.page import document, esc, section
+    from pipeline.report.page import GENERATOR, document, esc, section
 
     folders = find_stage_folders(root)
     if not folders:
@@ -90,7 +90,7 @@ def render_report(root: str, *, progress=None) -> tuple[str, list[tuple[str, str
         found.append((stage, folder))
     body = (f"<h1>Run report: {esc(root)}</h1><p>{len(folders)} stage outputs, reported "
             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p><nav><ul>{''.join(toc)}</ul></nav>" + "".join(sections))
-    return document(f"report: {root}", body), found
+    return document(f"report: {root}", body, generator=GENERATOR), found
 
 
 def _output_path(root: str, out: Optional[str]) -> str:
@@ -99,7 +99,7 @@ def _output_path(root: str, out: Optional[str]) -> str:
     if out:
         return out
     path = storage.join(root, REPORT_FILE)
-    if storage.exists(path) and GENERATOR.encode() not in storage.read_bytes(path)[:400]:
+    if storage.exists(path) and f'content="{GENERATOR}"'.encode() not in storage.read_bytes(path)[:400]:
         raise FileExistsError(f"{path} exists and is not a `pipeline report` page (the demo's own report?): give --out")
     return path
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 
-GENERATOR = "glip-data-engine report"  # a <meta name="generator">: a page `pipeline report` may overwrite
+GENERATOR = "glip-data-engine report"  # the <meta name="generator"> of `pipeline report`'s pages: the ones it may overwrite
 
 STYLE = """body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse;margin:8px 0 20px}
 td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{text-align:left;background:#f4f4f4}
@@ -20,9 +20,9 @@ def esc(value: object) -> str:
     return html.escape(str(value))
 
 
-def document(title: str, body: str) -> str:
-    """A whole page: `title` and the (already escaped) `body`."""
-    return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">'
+def document(title: str, body: str, *, generator: str) -> str:
+    """A whole page: `title` and the (already escaped) `body`, made by `generator`."""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="{esc(generator)}">'
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>")
 
 
