@@ -194,7 +194,7 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     result = CliRunner().invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
-    assert "train-student: ." in page and "Curves (from TensorBoard event files)" in page
+    assert "train-student: two" in page and "Curves (from TensorBoard event files)" in page
     assert page.count('src="data:image/png;base64,') == 4  # loss terms, learning rates, gradient norm, samples/s
     student = out / "student.pth"
     raw = torch.load(student, map_location="cpu", weights_only=True)

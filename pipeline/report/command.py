@@ -80,7 +80,7 @@ def render_report(root: str, *, progress=None) -> tuple[str, list[tuple[str, str
     for index, folder in enumerate(folders):
         stats = stages[folder]
         stage = str(stats.get("stage", "?"))
-        relative = folder[len(root):].strip("/") or "."
+        relative = folder[len(root):].strip("/") or storage.basename(root.rstrip("/")) or root
         if progress:
             progress(f"report [{index + 1}/{len(folders)}] {stage}: {relative}")
         anchor = f"s{index}"

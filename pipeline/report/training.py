@@ -48,6 +48,10 @@ def loss_chart(scalars: Scalars, *, width: float = 5.0) -> str:
     return figures.lines(_series(scalars, "loss/"), xlabel="step", ylabel="loss", width=width)
 
 
+def _percent(value: float) -> str:
+    return "n/a" if value < 0 else f"{100 * value:.1f}"  # pycocotools gives -1 where a size has no object
+
+
 def training_html(stats: dict, folder: str) -> str:
     scalars, source = read_scalars(folder)
     rows = [(name, stats.get(name)) for name in ("variant", "steps", "samples", "final_loss", "samples_per_s",
@@ -63,7 +67,7 @@ def training_html(stats: dict, folder: str) -> str:
     if evaluation:
         keys = [k for k in EVAL_KEYS if k in evaluation]
         ap = "<h3>Evaluation (the last one logged)</h3>" + table(
-            ["step", *keys], [(max(step for step, _ in evaluation.values()), *(f"{100 * evaluation[k][1]:.1f}" for k in keys))])
+            ["step", *keys], [(max(step for step, _ in evaluation.values()), *(_percent(evaluation[k][1]) for k in keys))])
     charts = [
         image(loss_chart(scalars), "loss curves"),
         image(figures.lines(_series(scalars, "lr/"), xlabel="step", ylabel="learning rate", log=True), "learning rates"),
