@@ -181,7 +181,6 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     assert [step for step, _ in scalars["loss/total"]] == [1, 2]  # rank 0 only: one point per step
     assert [value for _, value in scalars["loss/total"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert [v for _, v in scalars["lr/text"]] == pytest.approx([v / 10 for _, v in scalars["lr/model"]])  # --lang-lr 1e-5, --lr 1e-4
-    print("tensorboard scalars:", {tag: points for tag, points in sorted(scalars.items())})
     client = MlflowClient(tracking_uri=mlruns)
     stats = json.loads((out / "_stats.json").read_text())
     run = client.get_run(stats["mlflow"]["run_id"])
