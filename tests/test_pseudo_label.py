@@ -369,3 +369,31 @@ def test_pseudo_label_with_a_grounding_dino_teacher(world, phrases, hf_teachers,
     assert result.exit_code == 0, result.output
     kept = [s for shard in ("00000", "00001", "00002") for *_, s in iter_pseudo_samples(str(strict / "pseudo" / f"{shard}.tar"))]
     assert all(s["teacher"] == teacher and all(r["score"] > 0.65 for r in s["grounding"]["regions"]) for s in kept)
+
+
+def test_epochs_count_a_stage_s_pseudo_samples_from_its_stats_without_reading_the_tars(labelled, monkeypatch):
+    """`train-student --epochs` counts a pseudo-label output's samples from its `_stats.json`
+    (at 10^4 shards, reading every tar took minutes before the first step); the count is the
+    one reading the tars gives. A folder the record does not cover whole is read."""
+    from pipeline.train.data import mixing, pseudo_stream
+    from pipeline.train.data.specs import SourceSpec
+
+    folder = labelled / "pseudo"
+    read = sum(len(pseudo_stream.read_pseudo_shard(str(path))) for path in sorted(folder.glob("*.tar")))
+    stats = json.loads((labelled / "_stats.json").read_text())
+    spec = SourceSpec(kind="pseudo", paths=(str(folder),))
+
+    def no_reading(path):
+        raise AssertionError(f"read {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pseudo_stream, "read_pseudo_shard", no_reading)
+        assert mixing.count_samples(spec) == read == stats["written"] > 0
+    subset = labelled.parent / "pseudo_subset" / "pseudo"  # two of the three tars, the record copied beside them
+    subset.mkdir(parents=True)
+    for path in sorted(folder.glob("*.tar"))[:2]:
+        (subset / path.name).write_bytes(path.read_bytes())
+    (subset.parent / "_stats.json").write_text(json.dumps(stats))
+    expected = sum(len(pseudo_stream.read_pseudo_shard(str(path))) for path in sorted(subset.glob("*.tar")))
+    assert mixing.counted_by_stage(str(subset)) is None
+    assert mixing.count_samples(SourceSpec(kind="pseudo", paths=(str(subset),))) == expected

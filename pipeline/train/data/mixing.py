@@ -61,9 +61,39 @@ def build_source(spec: SourceSpec, *, seed: int, rank: int, world_size: int) -> 
 
 
 def count_samples(spec: SourceSpec) -> int:
-    """Samples per epoch of one source (all workers together)."""
+    """Samples per epoch of one source (all workers together). A pseudo folder that a
+    pseudo-label or filter run wrote whole is counted from that run's `_stats.json` (one
+    listing and one read, instead of reading 10^4 tars)."""
+    if spec.kind == "pseudo":
+        counted = [counted_by_stage(path) for path in spec.paths]
+        if all(count is not None for count in counted):
+            return sum(counted)  # type: ignore[arg-type]
     source = build_source(spec, seed=0, rank=0, world_size=1)
     return source.count_samples() if isinstance(source, PseudoShardStream) else len(source)
+
+
+def counted_by_stage(path: str) -> int | None:
+    """The samples in `path`, a stage's `pseudo/` folder, as its `_stats.json` beside it
+    counts them (`written` over every finished shard), when that record covers exactly the
+    folder's tars: the stage finished every shard (none failed) and the folder holds as many
+    tars as it has shards. None: count by reading."""
+    import json
+
+    from pipeline.io import storage
+
+    if path.rstrip("/").rsplit("/", 1)[-1] != "pseudo" or not storage.is_dir(path):
+        return None
+    stats_path = storage.join(path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ".", "_stats.json")
+    try:
+        stats = json.loads(storage.read_bytes(stats_path))
+        shards = stats["shards"]
+        finished = shards["written"] + shards["already_done"]
+        if stats.get("stage") not in ("pseudo-label", "filter") or shards["failed"] or finished != shards["total"]:
+            return None
+        tars = [name for name in storage.list_names(path) if name.endswith(".tar")]
+        return int(stats["written"]) if len(tars) == shards["total"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
