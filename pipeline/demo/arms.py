@@ -139,7 +139,7 @@ def train_arm(
 
 
 def evaluate_arm(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dict:
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
     from pipeline.evaluation.evaluate import evaluate_model
 
     predictor = GLIPPredictor.from_checkpoint(checkpoint, min_size=schedule.test_min_size, max_size=schedule.max_size)
