@@ -16,6 +16,7 @@ from pipeline.evaluation.calibrate import calibrate_command
 from pipeline.evaluation.check_parity import check_parity_command
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.ground import ground
+from pipeline.report.command import report_command
 from pipeline.stages.decontaminate import decontaminate_command
 from pipeline.stages.filter_stage import filter_command
 from pipeline.stages.inspect_labels import export_command, show_command, stats_command
@@ -46,6 +47,7 @@ def build_app() -> typer.Typer:
     app.command("show")(show_command)
     app.command("export")(export_command)
     app.command("stats")(stats_command)
+    app.command("report")(report_command)
     app.command("train-student")(train_student)
     app.command("eval")(evaluate)
     app.command("check-parity")(check_parity_command)

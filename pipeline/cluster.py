@@ -25,10 +25,15 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 # What a loopback-only embedded cluster needs (the caller's environment wins when it sets them).
+# Starts of an embedded Ray before giving up, when its raylet misses Ray's start-up limit.
+START_ATTEMPTS = 3
+
 EMBEDDED_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -117,27 +122,58 @@ def _start_embedded(*, num_cpus: int | None, num_gpus: int | None, include_dashb
 
     global _embedded
     base = os.environ.get("RAY_TMPDIR") or "/tmp"  # short: Ray's Unix socket paths are length-limited
-    root = tempfile.mkdtemp(prefix="glip-", dir=base)
-    _embedded = _Embedded(root=root, previous_tmpdir=os.environ.get("RAY_TMPDIR"))
-    os.environ["RAY_TMPDIR"] = root
-    temp_dir = os.path.join(root, "ray")
-    try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=include_dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port() if include_dashboard else None,
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp_dir,
-            log_to_driver=log_to_driver,
-            configure_logging=False,
-        )
-    except BaseException:
-        _forget_embedded()
-        raise
+    for attempt in range(1, START_ATTEMPTS + 1):
+        root = tempfile.mkdtemp(prefix="glip-", dir=base)
+        _embedded = _Embedded(root=root, previous_tmpdir=os.environ.get("RAY_TMPDIR"))
+        os.environ["RAY_TMPDIR"] = root
+        temp_dir = os.path.join(root, "ray")
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=include_dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=_free_port() if include_dashboard else None,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=temp_dir,
+                log_to_driver=log_to_driver,
+                configure_logging=False,
+            )
+        except BaseException as error:
+            # Ray gives its raylet a fixed 30 s to register (not a setting: ray/_private/node.py);
+            # on a busy machine it can miss it. The half-started node is ours alone (its
+            # processes name our temp root): stop them and start again.
+            timed_out = "timed out during startup" in str(error)
+            if timed_out:
+                ray.shutdown()
+                _stop_processes_under(root)
+            _forget_embedded()
+            if not timed_out or attempt == START_ATTEMPTS:
+                raise
+            print(
+                f"Ray's node did not register within its 30 s start-up limit (a busy machine?): "
+                f"starting it again ({attempt + 1}/{START_ATTEMPTS})",
+                file=sys.stderr, flush=True,
+            )
+            continue
+        break
     write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
+
+
+def _stop_processes_under(root: str) -> None:
+    """SIGKILL the processes whose command line names `root` (a half-started embedded Ray:
+    its GCS, raylet and agents all take our unique temp dir as an argument), never another's."""
+    import signal
+
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if root in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def _free_port() -> int:

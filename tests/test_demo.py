@@ -226,7 +226,8 @@ def test_report_html_and_gallery(demo):
     page = (demo / "report.html").read_text()
     report = json.loads((demo / "report.json").read_text())
     assert f"{report['gaps']['student_minus_control']:+.1f} AP" in page and f"{report['gaps']['student_minus_teacher']:+.1f} AP" in page
-    assert page.count("data:image/png;base64,") == 2  # the AP bar chart and the precision-recall plot
+    assert page.count("data:image/png;base64,") == 3  # the AP bar chart, the precision-recall plot, the arms' losses
+    assert '<img alt="loss by arm" src="data:image/png;base64,' in page
     assert all(name in page for name in ("teacher", "student", "control", "glip", "grit", "owlst"))
     assert (demo / "gallery" / "index.html").exists()
     assert len(list((demo / "gallery").glob("*.png"))) == min(8, report["pseudo_labels"]["glip"]["images"])

@@ -293,6 +293,48 @@ def test_show_export_and_stats(labelled, tmp_path):
     assert result.exit_code == 0 and "skipped: too_large" in result.output and "samples_per_s" in result.output
 
 
+def test_report_of_a_labelling_run_is_one_self_contained_page(world, phrases, labelled, tmp_path):
+    """`pipeline report` on the module's run folder: a section per stage output found (the
+    parse-captions and pseudo-label outputs, and the filter outputs of the tests before), each
+    with its counts, skip reasons, throughput and label statistics; every image embedded."""
+    import base64
+    import re
+    import shutil
+
+    from pipeline.demo.report import DEMO_GENERATOR
+    from pipeline.report.page import document
+
+    page_path = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(world["root"]), "--out", str(page_path)])
+    assert result.exit_code == 0, result.output
+    page = page_path.read_text()
+    assert "parse-captions: phrases" in page and "pseudo-label: labelled" in page
+    for heading in ("Skipped samples", "Throughput (the last run)", "from the finishing times of 3 shards", "Labels in a sample",
+                    "Phrases of the kept boxes", "Boxes per phrase frequency band", "Sample images with their kept boxes",
+                    "Phrases in a sample", "teacher: teacher.pth (glip, tiny)"):
+        assert heading in page, heading
+    assert "too_large" in page and "odd_bomb" in page  # a skip reason with its example key
+    sources = re.findall(r'src="([^"]*)"', page)
+    embedded = [re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", src) for src in sources]
+    assert sources and all(embedded), [src[:40] for src in sources]  # nothing outside the page
+    kinds = [match.group(1) for match in embedded]
+    assert kinds.count("jpeg") >= 3 and kinds.count("png") >= 4  # the image grid; histograms and throughput
+    for match in embedded:
+        Image.open(io.BytesIO(base64.b64decode(match.group(2)))).verify()
+
+    # Without --out the page goes into RUN_DIR, but never over a page it did not write (the demo's).
+    run = tmp_path / "run"
+    shutil.copytree(phrases, run)
+    (run / "report.html").write_text(document("demo", "the demo's report", generator=DEMO_GENERATOR))
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 2 and "give --out" in result.output
+    (run / "report.html").unlink()
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0  # its own page it replaces
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "error:" in result.output
+
+
 def test_pseudo_label_with_a_grounding_dino_teacher(world, phrases, hf_teachers, tmp_path, ray_local):
     """The whole stage with `--teacher hf:FOLDER`: every sample accounted for, the teacher's
     identity in every pseudo sample, and `filter` re-applying a preset to its scores."""

@@ -84,6 +84,15 @@ def _config(
     )
 
 
+def _tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of OUT/tensorboard/, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -135,6 +144,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(ray_cluster, tmp_pat
     # The metrics log reads as one run: steps 1..4 once each.
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # So do its TensorBoard curves: the resumed writer purges what the first run logged past step 2.
+    assert [step for step, _ in _tensorboard_scalars(tmp_path / "b")["loss/total"]] == [1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         run_training(_config(tmp_path / "c", overfit_json, images), resume=True)
     # Failing before the first checkpoint: the cause, and no --resume advice (nothing to resume).
@@ -145,9 +156,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(ray_cluster, tmp_pat
 
 
 def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_json, shared_data):
+    """Also the run's scalars, read back by TensorBoard's and MLflow's own readers."""
+    from mlflow.tracking import MlflowClient
+
     from model.weights.checkpoint import load_glip
 
-    out = tmp_path / "two"
+    out, mlruns = tmp_path / "two", f"file://{tmp_path / 'mlruns'}"
     result = CliRunner().invoke(
         app,
         [
@@ -155,9 +169,32 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
             "--coco", str(overfit_json), "--images", str(shared_data / IMAGES),
             "--steps", "2", "--batch-size", "1", "--min-size", "128", "--max-size", "192",
             "--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "1", "--log-every", "1",
+            "--mlflow-uri", mlruns, "--mlflow-experiment", "ci",
         ],
     )
     assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(out)
+    expected = {"loss/total", "loss/reg", "loss/centerness", "loss/dot_product_token", "lr/text", "lr/text_no_decay", "lr/model",
+                "lr/model_no_decay", "train/grad_norm", "train/samples_per_s", "train/num_positives"}
+    assert set(scalars) == expected, sorted(scalars)
+    assert [step for step, _ in scalars["loss/total"]] == [1, 2]  # rank 0 only: one point per step
+    assert [value for _, value in scalars["loss/total"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [v for _, v in scalars["lr/text"]] == pytest.approx([v / 10 for _, v in scalars["lr/model"]])  # --lang-lr 1e-5, --lr 1e-4
+    client = MlflowClient(tracking_uri=mlruns)
+    stats = json.loads((out / "_stats.json").read_text())
+    run = client.get_run(stats["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["glip.student"] == str(out / "student.pth")
+    assert run.data.params["steps"] == "2" and run.data.params["resources.workers"] == "2"
+    assert set(run.data.metrics) == expected
+    history = client.get_metric_history(run.info.run_id, "loss/total")
+    assert [(m.step, m.value) for m in history] == [(step, pytest.approx(value)) for step, value in scalars["loss/total"]]
+    # `pipeline report` on the run: its curves come from the event files.
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "train-student: two" in page and "Curves (from TensorBoard event files)" in page
+    assert page.count('src="data:image/png;base64,') == 4  # loss terms, learning rates, gradient norm, samples/s
     student = out / "student.pth"
     raw = torch.load(student, map_location="cpu", weights_only=True)
     assert all(key.startswith("module.") for key in raw["model"])  # official DDP-style layout
@@ -170,6 +207,21 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["steps"] == 2 and stats["workers"] == 2 and stats["samples"] == 4
     assert stats["samples_by_source_worker0"] == {"coco": 2}  # the measured mix: 2 steps of 1 on worker 0
+
+
+def test_mlflow_without_its_extra_is_one_line_before_ray(tmp_path, overfit_json, shared_data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the mlflow extra were not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train-student", "--out", str(out), "--coco", str(overfit_json), "--images", str(shared_data / IMAGES), "--steps", "1",
+        "--mlflow-uri", "http://127.0.0.1:9",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "error: --mlflow-uri http://127.0.0.1:9: MLflow is not installed; install the extra" in result.output
+    assert not (out / "ray").exists() and not (out / "train_config.json").exists()
 
 
 def test_self_training_options_reach_the_config_and_bad_ones_are_refused(tmp_path, overfit_json, shared_data):

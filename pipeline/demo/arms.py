@@ -141,13 +141,17 @@ def train_arm(
 def evaluate_arm(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dict:
     from model.inference.predict import GLIPPredictor
     from pipeline.evaluation.evaluate import evaluate_model
+    from pipeline.train.tracking import record_evaluation
 
     predictor = GLIPPredictor.from_checkpoint(checkpoint, min_size=schedule.test_min_size, max_size=schedule.max_size)
     started = time.perf_counter()
     result = evaluate_model(predictor, paths.test_coco, paths.test_images, batch_size=4)
-    return {
+    metrics = {
         **result.as_dict(),
         "AP_base": result.group_ap(BASE_KINDS),
         "AP_tail": result.group_ap(TAIL_KINDS),
         "images_per_s": round(result.num_images / (time.perf_counter() - started), 2),
     }
+    # Into the arm's own TensorBoard run: `tensorboard --logdir runs/demo` compares the arms.
+    record_evaluation(str(Path(checkpoint).parent), metrics)
+    return metrics

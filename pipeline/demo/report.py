@@ -2,23 +2,26 @@
 base and tail kinds, as a bar chart), then the pseudo-labels' precision-recall curves per
 preset against the web split's hidden gold, then the tables, throughput and the gallery.
 Charts are matplotlib PNGs embedded as data URIs, so the page is one self-contained file
-(plus the gallery folder beside it).
+(plus the gallery folder beside it). The page, its tables and its charts are the pieces of
+`pipeline report` (`pipeline.report.page`, `pipeline.report.figures`); the arms' loss curves
+are that report's training curves, one line per arm.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.demo.world import TAIL_KINDS
+from pipeline.report import figures
+from pipeline.report.page import document, image, key_value_rows
 
 ARMS = ("teacher", "student", "control")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 AP_SUMMARY = ("AP", "AP50", "AP_base", "AP_tail")  # per arm and round in the rounds table
+DEMO_GENERATOR = "glip-data-engine demo"  # not `pipeline report`'s: it never overwrites this page
 PR_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
@@ -36,75 +39,59 @@ def pr_curve(gold, predictions: Sequence[dict], thresholds: Sequence[float] = PR
     return points
 
 
-def _png(figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def ap_chart(models: dict[str, dict]) -> str:
     """Grouped bars: AP of each arm on the whole test split, its base and its tail kinds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = (("whole", "AP"), ("base kinds", "AP_base"), ("tail kinds", "AP_tail"))
     arms = [a for a in ARMS if a in models]
-    figure, axes = plt.subplots(figsize=(6.4, 3.4))
-    width = 0.8 / len(arms)
-    for index, arm in enumerate(arms):
-        values = [100 * max(models[arm].get(key, 0.0), 0.0) for _, key in groups]
-        bars = axes.bar(np.arange(len(groups)) + (index - (len(arms) - 1) / 2) * width, values, width, label=arm)
-        axes.bar_label(bars, fmt="%.1f", fontsize=8)
-    axes.set_xticks(np.arange(len(groups)), [name for name, _ in groups])
-    axes.set_ylabel("AP (test split)")
-    axes.legend(frameon=False)
-    axes.spines[["top", "right"]].set_visible(False)
-    try:
-        return _png(figure)
-    finally:
-        plt.close(figure)
+    with figures.axes(6.4, 3.4) as axes:
+        width = 0.8 / len(arms)
+        for index, arm in enumerate(arms):
+            values = [100 * max(models[arm].get(key, 0.0), 0.0) for _, key in groups]
+            bars = axes.bar(np.arange(len(groups)) + (index - (len(arms) - 1) / 2) * width, values, width, label=arm)
+            axes.bar_label(bars, fmt="%.1f", fontsize=8)
+        axes.set_xticks(np.arange(len(groups)), [name for name, _ in groups])
+        axes.set_ylabel("AP (test split)")
+        axes.legend(frameon=False)
+        return figures.png(axes)
+
+
+def loss_chart(arm_folders: dict[str, str]) -> str:
+    """The total loss of each arm's training run over its steps (`pipeline report`'s reader:
+    the arm's TensorBoard events, or its metrics.jsonl)."""
+    from pipeline.report.training import read_scalars
+
+    series = {}
+    for arm, folder in arm_folders.items():
+        points = read_scalars(folder)[0].get("loss/total", [])
+        series[arm] = ([step for step, _ in points], [value for _, value in points])
+    return figures.lines(series, xlabel="step (each arm's own run)", ylabel="total loss", width=5.2)
 
 
 def pr_chart(curves: dict[str, list[dict]], chosen: dict[str, dict], calibration: dict | None = None) -> str:
     """Precision against recall of each preset's teacher boxes over score thresholds; a marker
     for what each preset actually kept; and, when given, the calibrated policy: its precision
     target, the interval its sample gave and what it reached on the rest of the web split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.2, 3.8))
-    for name, points in curves.items():
-        line = axes.plot([p["recall"] for p in points], [p["precision"] for p in points], marker=".", label=f"{name} (score sweep)")
-        if name in chosen:
-            axes.scatter([chosen[name]["recall50"]], [chosen[name]["precision50"]], s=80, marker="*", color=line[0].get_color(),
-                         zorder=3, label=f"{name} as filtered")
-    if calibration and "calibrated_on_rest" in calibration:
-        rest, (low, high) = calibration["calibrated_on_rest"], calibration["sample"]["precision_interval"]
-        axes.axhline(calibration["settings"]["target_precision"], color="grey", linewidth=0.8, linestyle=":", label="calibration target")
-        axes.errorbar([rest["recall50"]], [rest["precision50"]], yerr=[[max(rest["precision50"] - low, 0)], [max(high - rest["precision50"], 0)]],
-                      fmt="D", color="black", capsize=3, zorder=4, label="calibrated, on the rest (sample's interval)")
-    axes.set_xlabel("recall (IoU 0.5)")
-    axes.set_ylabel("precision")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.legend(frameon=False, fontsize=8)
-    axes.spines[["top", "right"]].set_visible(False)
-    try:
-        return _png(figure)
-    finally:
-        plt.close(figure)
+    with figures.axes(5.2, 3.8) as axes:
+        for name, points in curves.items():
+            line = axes.plot([p["recall"] for p in points], [p["precision"] for p in points], marker=".", label=f"{name} (score sweep)")
+            if name in chosen:
+                axes.scatter([chosen[name]["recall50"]], [chosen[name]["precision50"]], s=80, marker="*", color=line[0].get_color(),
+                             zorder=3, label=f"{name} as filtered")
+        if calibration and "calibrated_on_rest" in calibration:
+            rest, (low, high) = calibration["calibrated_on_rest"], calibration["sample"]["precision_interval"]
+            axes.axhline(calibration["settings"]["target_precision"], color="grey", linewidth=0.8, linestyle=":", label="calibration target")
+            axes.errorbar([rest["recall50"]], [rest["precision50"]], yerr=[[max(rest["precision50"] - low, 0)], [max(high - rest["precision50"], 0)]],
+                          fmt="D", color="black", capsize=3, zorder=4, label="calibrated, on the rest (sample's interval)")
+        axes.set_xlabel("recall (IoU 0.5)")
+        axes.set_ylabel("precision")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.legend(frameon=False, fontsize=8)
+        return figures.png(axes)
 
 
 def _pct(value: float) -> str:
     return "n/a" if value < 0 else f"{100 * value:.1f}"
-
-
-def _rows(items) -> str:
-    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
 
 
 def _headline(gaps: dict) -> str:
@@ -233,15 +220,11 @@ def render_html(report: dict) -> str:
                      "its threshold): the student trained on gold only, like the control.</p>")
     mix = report["student_mix"]
     recipe = html.escape(", ".join(f"{k} {v}" for k, v in report["student_recipe"].items()))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>GLIP data engine demo</title>
-<style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse;margin:8px 0 20px}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left;background:#f4f4f4}}
-.big{{font-size:22px}}.charts img{{margin-right:16px;vertical-align:top}}iframe{{width:100%;height:900px;border:1px solid #ccc}}</style></head><body>
-<h1>GLIP self-training demo</h1>
+    return document("GLIP data engine demo", generator=DEMO_GENERATOR, body=f"""<h1>GLIP self-training demo</h1>
 <p class="big">{_headline(gaps)}</p>
 <p>World <b>{html.escape(report['size'])}</b>, seed {report['seed']}, student preset <b>{html.escape(report['preset'])}</b>,
 total {report['total_seconds']} s. Every number below comes from pycocotools on this run's outputs.</p>
-<div class="charts"><img alt="AP by arm" src="{report['charts']['ap']}"><img alt="pseudo-label precision-recall" src="{report['charts']['pr']}"></div>
+<div class="charts"><img alt="AP by arm" src="{report['charts']['ap']}"><img alt="pseudo-label precision-recall" src="{report['charts']['pr']}">{image(report['charts'].get('loss', ''), 'loss by arm')}</div>
 <h2>The three arms (test split: zero-shot detection, every kind's name in the prompt)</h2>
 <table><tr><th>model</th>{''.join(f'<th>{k}</th>' for k in keys)}</tr>{rows}</table>
 <p><b>teacher</b>: trained on the gold split only; <b>student</b>: the teacher's weights + {report['schedule']['student_steps']} steps on
@@ -256,8 +239,9 @@ augmentation and the same gold, without the pseudo-labels. Student recipe: {reci
 {_decontamination_html(report['decontamination'])}
 {_calibration_html(report['calibration'], report['pseudo_labels'])}
 {_rounds_html(report['rounds'], report['preset'])}
-<h2>Throughput</h2><table>{_rows(report['throughput'].items())}</table>
-<h2>Stage times (s)</h2><table>{_rows(report['stage_seconds'].items())}</table>
+<h2>Throughput</h2><table>{key_value_rows(report['throughput'].items())}</table>
+<h2>Stage times (s)</h2><table>{key_value_rows(report['stage_seconds'].items())}</table>
 <h2>Pseudo-labelled images</h2><p><a href="gallery/index.html">gallery/index.html</a></p>
 <iframe src="gallery/index.html"></iframe>
-</body></html>"""
+<p>Every stage's counts, throughput, labels and curves: <code>pipeline report</code> on this folder (<code>--out</code> a file
+of its own: this page is the demo's), and <code>tensorboard --logdir</code> on it compares the arms' training curves.</p>""")

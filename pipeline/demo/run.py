@@ -138,7 +138,7 @@ def _gap(models: dict, key: str, a: str, b: str) -> float | None:
 
 
 def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSchedule, progress, seconds: float) -> dict:
-    from pipeline.demo.report import ap_chart, pr_chart
+    from pipeline.demo.report import ap_chart, loss_chart, pr_chart
 
     models, arms, presets = runs["models"], runs["arms"], runs["presets"]
     drawn = arms["student"].get("samples_by_source", {})
@@ -183,7 +183,10 @@ def _report(runs: dict, *, size: str, seed: int, preset: str, schedule: DemoSche
         "stage_seconds": progress.timings,
         "total_seconds": round(seconds, 1),
     }
-    report["charts"] = {"ap": ap_chart(models), "pr": pr_chart(runs["curves"], presets, runs["calibration"])}
+    report["charts"] = {
+        "ap": ap_chart(models), "pr": pr_chart(runs["curves"], presets, runs["calibration"]),
+        "loss": loss_chart({name: str(Path(arm["checkpoint"]).parent) for name, arm in arms.items()}),
+    }
     return report
 
 

@@ -39,7 +39,8 @@ class ShardReport:
     produced nothing usable; `examples`: reason -> up to `MAX_EXAMPLE_KEYS` of their keys;
     `members_ignored`: kind -> count of tar members that are no sample part (symlinks,
     directories, `__*__` metadata, names without an extension);
-    `seconds`: worker time on the shard; `error`: shard-level failure (then no output exists).
+    `seconds`: worker time on the shard; `finished_at`: when its worker finished it (Unix time,
+    for throughput over time in `pipeline report`); `error`: shard-level failure (then no output exists).
     """
 
     shard_id: str
@@ -52,6 +53,7 @@ class ShardReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     members_ignored: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    finished_at: float | None = None
     error: str | None = None
 
     def skip(self, reason: str, key: str) -> None:
@@ -77,7 +79,7 @@ class ShardReport:
         """`to_json` for the copy stored inside an output file: without the worker's timing and
         the output's own location, so two identical runs write byte-identical files, into the
         same folder or another (timing stays in `_stats.json`)."""
-        return json.dumps({**asdict(self), "seconds": 0.0, "output_uri": None}, sort_keys=True)
+        return json.dumps({**asdict(self), "seconds": 0.0, "finished_at": None, "output_uri": None}, sort_keys=True)
 
     @classmethod
     def from_file_json(cls, text: str, task: ShardTask) -> ShardReport:

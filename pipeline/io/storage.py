@@ -140,6 +140,15 @@ def list_names(folder: str) -> list[str]:
     return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry.get("type") == "file")
 
 
+def list_folders(folder: str) -> list[str]:
+    """Base names of the folders directly in `folder` (empty when it does not exist)."""
+    location = resolve(folder)
+    if not location.fs.exists(location.path):
+        return []
+    entries = location.fs.ls(location.path, detail=True)
+    return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry.get("type") == "directory")
+
+
 def expand_inputs(inputs: Sequence[str], *, suffixes: Sequence[str]) -> list[str]:
     """Every file named by `inputs` (files, glob patterns, or folders), sorted and unique.
 

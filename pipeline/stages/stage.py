@@ -292,13 +292,16 @@ def testing_shard_delay() -> float:
 
 
 def run_shard(worker: ShardWorker, task: ShardTask) -> ShardReport:
-    """`worker(task)`, with any exception turned into a failed report naming the shard."""
+    """`worker(task)`, with any exception turned into a failed report naming the shard, stamped
+    with the time it finished."""
     started = time.perf_counter()
     try:
-        return worker(task)
+        report = worker(task)
     except Exception as error:  # noqa: BLE001 - one shard's failure is recorded, never fatal
         detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        return ShardReport.failed(task, f"{task.input_uri}: {detail}", seconds=time.perf_counter() - started)
+        report = ShardReport.failed(task, f"{task.input_uri}: {detail}", seconds=time.perf_counter() - started)
+    report.finished_at = round(time.time(), 3)
+    return report
 
 
 def _read_reports(tasks: Sequence[ShardTask], read: Callable[[ShardTask], ShardReport]) -> list[ShardReport]:

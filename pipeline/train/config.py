@@ -7,7 +7,8 @@
   (`AugmentSettings`), pseudo-box weighting (`PseudoWeighting`), negatives, loader threads;
 * `OptimizerConfig`: the official AdamW recipe and its LR schedule;
 * `Resources`: Ray Train workers, GPUs, CPUs per worker, bf16;
-* `CheckpointPolicy`: how often checkpoints are reported and how many are kept.
+* `CheckpointPolicy`: how often checkpoints are reported and how many are kept;
+* `Tracking`: where rank 0 sends the run's scalars (TensorBoard, MLflow).
 
 The field defaults here are the only defaults: `pipeline train-student` declares its options
 from them. No torch import, so the CLI builds and checks a config before loading anything
@@ -136,6 +137,18 @@ class CheckpointPolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Tracking:
+    """Where rank 0 logs the run's scalars (`pipeline.train.tracking`). Not a resume key: a
+    resumed run may log elsewhere."""
+
+    tensorboard: bool = True  # event files under OUT/tensorboard/
+    mlflow_uri: str | None = None  # an MLflow tracking URI (http://..., file://..., databricks)
+    mlflow_experiment: str = "train-student"
+    # Set by the driver: the MLflow run that every worker, restart and --resume of this run logs to.
+    mlflow_run_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a training run needs; `steps` is the total number of optimizer steps."""
 
@@ -147,6 +160,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     resources: Resources = field(default_factory=Resources)
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    tracking: Tracking = field(default_factory=Tracking)
     log_every: int = 10
     fail_at_step: int | None = None  # fault injection for resume drills
     # Worker-group failures (a node or worker lost, an error in a worker) restarted from the
@@ -173,13 +187,15 @@ class TrainConfig:
         loaded["augment"] = AugmentSettings(**{**loaded["augment"], "min_sizes": tuple(loaded["augment"]["min_sizes"])})
         loaded["pseudo"] = PseudoWeighting(**loaded["pseudo"])
         optimizer = data["optimizer"]
+        sections = ("model", "data", "optimizer", "resources", "checkpoints", "tracking")
         return cls(
-            **{k: v for k, v in data.items() if k not in ("model", "data", "optimizer", "resources", "checkpoints")},
+            **{k: v for k, v in data.items() if k not in sections},
             model=StudentModel(**data["model"]),
             data=DataConfig(**loaded),
             optimizer=OptimizerConfig(**{**optimizer, "milestones": tuple(optimizer["milestones"])}),
             resources=Resources(**data["resources"]),
             checkpoints=CheckpointPolicy(**data["checkpoints"]),
+            tracking=Tracking(**data.get("tracking", {})),  # absent in runs before it existed
         )
 
 

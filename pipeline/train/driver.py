@@ -12,6 +12,7 @@ the run.
 Layout of OUT:
     student.pth            final weights (official layout)
     metrics.jsonl          one line per logged step (loss terms, lr, samples/s)
+    tensorboard/           the same scalars as TensorBoard event files (`pipeline.train.tracking`)
     train_config.json      the resolved configuration
     _stats.json            steps, throughput, skipped samples, final loss, restarts
     ray/run/checkpoint_*/  model.pth, train_state.pt, rank_{r}.pt
@@ -109,6 +110,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
     storage.makedirs(out)
     if resume:
         _check_resumable(storage.join(out, CONFIG_FILE), config)
+    if config.tracking.mlflow_uri:  # before Ray: a missing MLflow or a bad URI is one line
+        config = _with_mlflow_run(config, resume=resume)
     storage.write_atomic(storage.join(out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
     restarts_path = f"{storage_path}/{RUN_NAME}/{RESTARTS_FILE}"
     if storage.exists(restarts_path):
@@ -149,6 +152,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
         try:
             result = trainer.fit()
         except TrainingFailedError as exc:
+            _end_mlflow_run(config, status="FAILED")
             if _checkpointed_step(storage_path) is None:  # nothing to resume: the cause is all there is to say
                 raise TrainingInterrupted(f"training stopped before its first checkpoint: {_worker_error(exc)}") from exc
             raise TrainingInterrupted(
@@ -166,10 +170,38 @@ def run_training(config: TrainConfig, *, resume: bool = False, address: str | No
     return _finish(config, result, time.time() - started, restarts=restart_events)
 
 
+def _with_mlflow_run(config: TrainConfig, *, resume: bool) -> TrainConfig:
+    """`config` with the MLflow run its workers log to: a new one, or on `--resume` the
+    interrupted run's (when it logged to the same tracking URI)."""
+    from pipeline.train.tracking import start_mlflow_run
+
+    previous = None
+    path = storage.join(config.out, CONFIG_FILE)
+    if resume and storage.exists(path):
+        tracking = json.loads(storage.read_bytes(path)).get("tracking") or {}
+        if tracking.get("mlflow_uri") == config.tracking.mlflow_uri:
+            previous = tracking.get("mlflow_run_id")
+    run_id = start_mlflow_run(config, previous_run_id=previous)
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, mlflow_run_id=run_id))
+
+
+def _end_mlflow_run(config: TrainConfig, *, status: str, student: str | None = None, checkpoint: str | None = None) -> None:
+    """End the run's MLflow run, if it has one; a tracking server that fails here is a warning
+    line (the training itself is done, or its own error follows)."""
+    if not config.tracking.mlflow_run_id:
+        return
+    from pipeline.train.tracking import finish_mlflow_run
+
+    try:
+        finish_mlflow_run(config, status=status, student=student, checkpoint=checkpoint)
+    except Exception as error:  # noqa: BLE001
+        print(f"train-student: warning: could not end the MLflow run ({first_line(error)})", file=sys.stderr, flush=True)
+
+
 def _checkpointed_step(storage_path: str) -> int | None:
     """The step of the run's latest checkpoint folder (`checkpoint_00000004` -> 4), if any."""
     steps = [
-        int(name[len("checkpoint_"):]) for name in storage.list_names(f"{storage_path}/{RUN_NAME}")
+        int(name[len("checkpoint_"):]) for name in storage.list_folders(f"{storage_path}/{RUN_NAME}")
         if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit()
     ]
     return max(steps, default=None)
@@ -247,6 +279,7 @@ def _finish(config: TrainConfig, result, seconds: float, *, restarts: list[dict]
             file=sys.stderr, flush=True,
         )
     _write_stats(config, metrics, result.checkpoint.path, seconds, restarts=restarts, unused=unused)
+    _end_mlflow_run(config, status="FINISHED", student=student, checkpoint=result.checkpoint.path)
     return TrainOutcome(
         student=student,
         checkpoint=result.checkpoint.path,
@@ -309,6 +342,7 @@ def _write_stats(
     config: TrainConfig, metrics: dict, checkpoint: str, seconds: float, *, restarts: list[dict], unused: list[str]
 ) -> None:
     from pipeline.train.loop import METRICS_FILE
+    from pipeline.train.tracking import TENSORBOARD_DIR
 
     lines = []
     metrics_path = storage.join(config.out, METRICS_FILE)
@@ -335,6 +369,8 @@ def _write_stats(
         "use_gpu": config.resources.use_gpu,
         "checkpoint": checkpoint,
         "student": storage.join(config.out, STUDENT_FILE),
+        "tensorboard": storage.join(config.out, TENSORBOARD_DIR) if config.tracking.tensorboard else None,
+        "mlflow": {"uri": config.tracking.mlflow_uri, "run_id": config.tracking.mlflow_run_id} if config.tracking.mlflow_run_id else None,
         "config": config.to_dict(),
     }
     storage.write_atomic(storage.join(config.out, "_stats.json"), json.dumps(stats, indent=2).encode("utf-8"))

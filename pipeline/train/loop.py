@@ -6,8 +6,8 @@ biases, a linear warm-up from 1/3 of the LR, then steps (x0.1 at 67% and 89% of 
 cosine decay, gradient clipping at norm 1.0 over the full model; bf16 autocast on CUDA.
 
 `StudentTrainer` is one worker's run in four parts: setup (model, optimizer, data stream;
-`restore` from a checkpoint), `step` (one optimizer step), `log` (rank 0: `metrics.jsonl` and
-a progress line, `progress_line`) and `checkpoint` (`pipeline.train.checkpoints`, reported through
+`restore` from a checkpoint), `step` (one optimizer step), `log` (rank 0: `metrics.jsonl`, a
+progress line, `progress_line`, and TensorBoard/MLflow scalars, `pipeline.train.tracking`) and `checkpoint` (`pipeline.train.checkpoints`, reported through
 `ray.train.report` every `checkpoints.every` steps and at the end), so a resumed run
 continues exactly.
 """
@@ -31,6 +31,7 @@ from pipeline.train.config import OptimizerConfig, StudentModel, TrainConfig
 from pipeline.train.data.loader import LoadedBatch, TrainLoader
 from pipeline.train.data.mixing import make_stream
 from pipeline.train.data.specs import paired_sources
+from pipeline.train.tracking import RunTracker, step_scalars
 
 METRICS_FILE = "metrics.jsonl"
 # The worker's lines go through logging, not print: Ray Train patches print on its workers to
@@ -71,7 +72,8 @@ def lr_factor(step: int, optimizer: OptimizerConfig, *, steps: int) -> float:
 
 def make_optimizer(model: torch.nn.Module, optimizer: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with the official parameter groups: `language_backbone` at `lang_lr`, the rest at
-    `lr`; biases without weight decay (WEIGHT_DECAY_BIAS 0)."""
+    `lr`; biases without weight decay (WEIGHT_DECAY_BIAS 0). Each group carries a `name`
+    ("text", "text_no_decay", "model", "model_no_decay": the tracked `lr/<name>` scalars)."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -79,10 +81,21 @@ def make_optimizer(model: torch.nn.Module, optimizer: OptimizerConfig) -> torch.
         lr = optimizer.lang_lr if "language_backbone" in name else optimizer.lr
         decay = 0.0 if "bias" in name else optimizer.weight_decay
         groups.setdefault((lr, decay), []).append(parameter)
+
+    def group_name(lr: float, decay: float) -> str:  # equal LRs (or decays) share one group
+        text = lr == optimizer.lang_lr and optimizer.lang_lr != optimizer.lr
+        return ("text" if text else "model") + ("_no_decay" if decay != optimizer.weight_decay else "")
+
     return torch.optim.AdamW(
-        [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()],
+        [{"params": params, "lr": lr, "weight_decay": decay, "name": group_name(lr, decay)} for (lr, decay), params in groups.items()],
         lr=optimizer.lr,
     )
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{group name: its current LR}; groups of a checkpoint from before they were named are
+    `group<i>`."""
+    return {group.get("name", f"group{index}"): float(group["lr"]) for index, group in enumerate(optimizer.param_groups)}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, *, steps: int):
@@ -226,6 +239,14 @@ class StudentTrainer:
         self.metrics_log = MetricsLog(
             local_out / METRICS_FILE if (local_out and self.rank == 0) else None, resume_step=self.step_count
         )
+        self.tracker = RunTracker(config, resume_step=self.step_count) if self.rank == 0 else None
+        try:
+            self._train(config)
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _train(self, config: TrainConfig) -> None:
         self.loss_fn = GLIPLoss()
         loader = TrainLoader(
             stream=self.stream, batch_size=config.data.batch_size, settings=config.data.augment,
@@ -299,12 +320,14 @@ class StudentTrainer:
             "num_positives": float(result.losses["num_positives"]),
             "grad_norm": result.grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
+            "lr_groups": group_learning_rates(self.optimizer),
             "samples_per_s": rate,
             "skipped_samples": len(self.skipped),
             "eta_s": round(per_step * (self.config.steps - self.step_count), 1),
             "time": time.time(),
         }
         self.metrics_log.write(record)
+        self.tracker.log(self.step_count, step_scalars(record))
         logger.info(progress_line(record, self.config.steps))
         self.window_start, self.window_samples = now, 0
 
@@ -322,6 +345,8 @@ class StudentTrainer:
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"checkpoint_{step:08d}"
             )
+        if self.tracker is not None:
+            self.tracker.sync()
 
 
 def train_worker(config_dict: dict) -> None:

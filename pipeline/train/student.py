@@ -19,6 +19,7 @@ from pipeline.train.config import (
     Resources,
     StudentModel,
     TrainConfig,
+    Tracking,
 )
 from pipeline.train.data.specs import AugmentSettings, PseudoWeighting, SourceSpec, TrainDataError
 from pipeline.train.driver import TrainingInterrupted, run_training
@@ -27,7 +28,7 @@ from pipeline.user_errors import user_errors
 
 # The one source of the defaults: the configuration's own (`pipeline.train.config`).
 _RUN = TrainConfig(out="", steps=1)
-_MODEL, _DATA, _OPT, _RES, _CKPT = _RUN.model, _RUN.data, _RUN.optimizer, _RUN.resources, _RUN.checkpoints
+_MODEL, _DATA, _OPT, _RES, _CKPT, _TRACK = _RUN.model, _RUN.data, _RUN.optimizer, _RUN.resources, _RUN.checkpoints, _RUN.tracking
 _AUG, _PSEUDO = _DATA.augment, _DATA.pseudo
 
 
@@ -241,6 +242,15 @@ def train_student(
     augment: str = typer.Option(
         "weak", "--augment", help="weak (resize + flip, official) or strong (+ scale jitter, box-keeping crop, cutout; Noisy Student)."
     ),
+    tensorboard: bool = typer.Option(
+        _TRACK.tensorboard, "--tensorboard/--no-tensorboard", help="TensorBoard event files of every logged scalar in OUT/tensorboard/."
+    ),
+    mlflow_uri: Optional[str] = typer.Option(
+        None, "--mlflow-uri",
+        help="Also log the scalars, the configuration and the final checkpoint's path to this MLflow tracking URI "
+        "(http://HOST:5000, file:///path/mlruns); needs the mlflow extra.",
+    ),
+    mlflow_experiment: str = typer.Option(_TRACK.mlflow_experiment, "--mlflow-experiment", help="MLflow experiment name."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
 ) -> None:
     """Train a GLIP student on gold grounding/detection data plus pseudo-label shards."""
@@ -292,6 +302,7 @@ def train_student(
         ),
         resources=Resources(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, bf16=bf16),
         checkpoints=CheckpointPolicy(every=checkpoint_every, keep=keep_checkpoints),
+        tracking=Tracking(tensorboard=tensorboard, mlflow_uri=mlflow_uri, mlflow_experiment=mlflow_experiment),
     )
     outcome = run_training(train_config, resume=resume, address=address)
     typer.echo(f"student: {outcome.student} ({outcome.steps} steps, final loss {outcome.final_loss})")
