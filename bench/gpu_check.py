@@ -100,7 +100,7 @@ class Row:
 def filled_model(variant: str) -> torch.nn.Module:
     """GLIP of `variant` with the reference runs' deterministic weights, on the CPU, in eval mode."""
     from model.config import get_config
-    from model.glip import GLIP
+    from model.network.glip import GLIP
     from bench.reference_weights import fill_reference_weights
 
     model = GLIP(get_config(variant))
@@ -138,8 +138,8 @@ def reset_peak(device: torch.device) -> None:
 
 def forward_rows(model, variant: str, plan: CheckPlan, device: torch.device) -> list[Row]:
     """Images/s of the official recipe, then dynamic padding at each batch in fp32 and bf16."""
-    from model.preprocess import batch_images, image_to_tensor
-    from model.text import load_tokenizer, tokenize
+    from model.inputs.preprocess import batch_images, image_to_tensor
+    from model.inputs.text import load_tokenizer, tokenize
 
     tokenizer = load_tokenizer()
     images = [image.resize((plan.width, plan.height)) for image in coco_images(max(plan.batches))]
@@ -179,7 +179,7 @@ def matched_fraction(reference, other, *, iou: float = 0.9, score_tolerance: flo
 
 def parity_rows(cpu_model, device_model, variant: str, plan: CheckPlan, device: torch.device) -> list[Row]:
     """Detections of the device model (fp32, bf16) against the CPU fp32 model on the same images."""
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
 
     images = [image.resize((plan.width, plan.height)) for image in coco_images(plan.parity_images)]
     captions = [CAPTION] * len(images)
@@ -269,8 +269,8 @@ class BusySampler:
 
 def pseudo_label_rows(teacher_model, plan: CheckPlan, device: torch.device, work: Path) -> list[Row]:
     """The stage on one actor against a bare loop of the same teacher on the same images."""
-    from model.checkpoint import save_glip
-    from model.predict import GLIPPredictor
+    from model.weights.checkpoint import save_glip
+    from model.inference.predict import GLIPPredictor
 
     samples = pseudo_bench.prepare_world(work, images=plan.pseudo_images, shards=plan.pseudo_shards)
     teacher = Path(save_glip(teacher_model, work / "teacher.pth", provenance={"note": "reference-fill weights"}))
@@ -296,8 +296,8 @@ def pseudo_label_rows(teacher_model, plan: CheckPlan, device: torch.device, work
 
 def train_rows(variant: str, plan: CheckPlan, device: torch.device) -> list[Row]:
     """Samples/s and peak memory of train-student steps with gradient checkpointing at batch 2."""
-    from model.loss import GLIPLoss
-    from model.text import load_tokenizer
+    from model.training.loss import GLIPLoss
+    from model.inputs.text import load_tokenizer
     from pipeline.train.config import OptimizerConfig, StudentModel
     from pipeline.train.data import AugmentSettings, SourceSpec
     from pipeline.train.data.loader import TrainLoader

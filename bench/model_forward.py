@@ -16,8 +16,8 @@ import time
 import torch
 
 from model.config import get_config
-from model.glip import GLIP
-from model.text import load_tokenizer, tokenize
+from model.network.glip import GLIP
+from model.inputs.text import load_tokenizer, tokenize
 
 CAPTION = "person. bicycle. car. dog. a red umbrella. traffic light."
 

@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 def box_scores(teacher, annotations: Path, images: Path, *, max_images: int | None = None):
     """([N, C] score of every gold box under every category, [N] its category index, names)."""
-    from model.text import detection_prompt
+    from model.inputs.text import detection_prompt
 
     gold = json.loads(annotations.read_text())
     categories = sorted(gold["categories"], key=lambda c: c["id"])
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=192)
     args = parser.parse_args()
 
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
 
     teacher = GLIPPredictor.from_checkpoint(args.teacher, min_size=args.min_size, max_size=args.max_size)
     teacher.postprocessor.detections_per_img = 1000  # every category's boxes, not only the top ones

@@ -100,7 +100,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
 
     work = Path(tempfile.mkdtemp(prefix="bench-pseudo-"))
     samples = prepare_world(work, images=args.images, shards=args.shards)

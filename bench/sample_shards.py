@@ -50,9 +50,9 @@ def tiny_teacher(path: Path, seed: int = 0, token_bias: float = 4.0) -> Path:
     """
     import torch
 
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
     from model.config import get_config
-    from model.glip import GLIP
+    from model.network.glip import GLIP
 
     torch.manual_seed(seed)
     model = GLIP(get_config("tiny"))

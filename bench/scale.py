@@ -326,7 +326,7 @@ def loader_one(spec: dict) -> dict:
     from pipeline.train.data.loader import TrainLoader
     from pipeline.train.data.mixing import make_stream
     from pipeline.train.data.specs import SourceSpec
-    from model.text import load_tokenizer
+    from model.inputs.text import load_tokenizer
 
     tokenizer = load_tokenizer()
     sources = [SourceSpec(kind="pseudo", paths=(spec["pseudo"],), weight=1.0)]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.reference_weights import fill_reference_weights  # noqa: E402
 from model.config import get_config  # noqa: E402
-from model.glip import GLIP  # noqa: E402
+from model.network.glip import GLIP  # noqa: E402
 
 VARIANTS = {"t_c": "glip-t", "t_a": "glip-t-a", "l": "glip-l"}
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from model.loss import GLIPLoss, total_loss
-from model.text import load_tokenizer
+from model.training.loss import GLIPLoss, total_loss
+from model.inputs.text import load_tokenizer
 from pipeline.train.config import OptimizerConfig, StudentModel
 from pipeline.train.data import AugmentSettings, SourceSpec
 from pipeline.train.data.loader import TrainLoader

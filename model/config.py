@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 
 # GLIP's training short sides (INPUT.MIN_SIZE_TRAIN of the pretrain configs) and long-side cap;
-# here, not in `model.augment`, so that configuration code reads them without torch.
+# here, not in `model.training.augment`, so that configuration code reads them without torch.
 TRAIN_MIN_SIZES = (480, 560, 640, 720, 800)
 TRAIN_MAX_SIZE = 1333
 
@@ -98,7 +98,7 @@ class PreprocessingConfig:
 @dataclass(frozen=True)
 class GLIPConfig:
     name: str
-    backbone: str = "swin"  # "swin" (official) or "mobilenet_v2" (model.mobilenet, ImageNet-pretrainable)
+    backbone: str = "swin"  # "swin" (official) or "mobilenet_v2" (model.network.mobilenet, ImageNet-pretrainable)
     swin: SwinConfig = field(default_factory=SwinConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -139,7 +139,7 @@ VARIANTS["tiny-cpu"] = dataclasses.replace(
     VARIANTS["tiny"], name="tiny-cpu", head=dataclasses.replace(VARIANTS["tiny"].head, deformable=False)
 )
 # `tiny-cpu` on torchvision's MobileNetV2 (stride 8-32 stages) instead of a random-init Swin:
-# the only visual backbone with ImageNet weights available offline (see model/mobilenet.py).
+# the only visual backbone with ImageNet weights available offline (see model/network/mobilenet.py).
 VARIANTS["tiny-mnv2"] = dataclasses.replace(VARIANTS["tiny-cpu"], name="tiny-mnv2", backbone="mobilenet_v2")
 # `tiny-mnv2` with GLIP-T(A)'s head (no deep fusion: the words are matched against the visual
 # features with the text encoder's own output): the demo's model. Without the fusion and extra

@@ -1,7 +1,7 @@
 """Tiny randomly initialised Grounding DINO and OWLv2 models saved the way users save real ones
 (`save_pretrained` of the model and of its processor), for loading back through `--teacher hf:`.
 
-Grounding DINO gets the bert-base-uncased vocabulary that ships offline (`model.text.load_tokenizer`).
+Grounding DINO gets the bert-base-uncased vocabulary that ships offline (`model.inputs.text.load_tokenizer`).
 No CLIP vocabulary ships offline, so OWLv2 gets a small byte-level BPE one built here: the 256
 byte symbols, their end-of-word forms, a few merges for common caption words, and CLIP's
 start/end tokens.
@@ -40,7 +40,7 @@ def save_tiny_grounding_dino(folder: Path, *, seed: int = 0) -> Path:
         SwinConfig,
     )
 
-    from model.text import load_tokenizer
+    from model.inputs.text import load_tokenizer
 
     torch.manual_seed(seed)
     config = GroundingDinoConfig(

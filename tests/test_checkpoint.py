@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from model.checkpoint import (
+from model.weights.checkpoint import (
     CheckpointError,
     detect_variant,
     file_sha256,
@@ -19,7 +19,7 @@ from model.checkpoint import (
     save_glip,
 )
 from model.config import get_config
-from model.glip import GLIP
+from model.network.glip import GLIP
 
 
 @pytest.fixture(scope="module")

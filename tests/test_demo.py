@@ -170,7 +170,7 @@ def test_decontamination_and_calibration_sections(demo):
 
 
 def test_report_numbers_are_sane_and_reproducible(demo):
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
     from pipeline.demo.arms import SCHEDULES
     from pipeline.evaluation.evaluate import evaluate_model, load_gold, pseudo_predictions, score_boxes
 

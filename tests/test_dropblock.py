@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.config import get_config
-from model.fpn import FPN, DropBlock
+from model.network.fpn import FPN, DropBlock
 
 
 def expected_kept_fraction(height: int, width: int, prob: float, size: int = 3) -> float:

@@ -108,9 +108,9 @@ def test_pseudo_labels_against_gold_via_cli(tmp_path, shared_data, gold):
 
 
 def test_eval_cli_on_a_checkpoint_prints_table_and_json(tmp_path, shared_data, gold):
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
     from model.config import get_config
-    from model.glip import GLIP
+    from model.network.glip import GLIP
 
     torch.manual_seed(0)
     checkpoint = save_glip(GLIP(get_config("tiny")), tmp_path / "random.pth")

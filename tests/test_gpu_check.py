@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model.predict import Detections
+from model.inference.predict import Detections
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

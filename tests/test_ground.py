@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from model.checkpoint import file_sha256
+from model.weights.checkpoint import file_sha256
 from model.config import get_config
-from model.glip import GLIP
+from model.network.glip import GLIP
 from pipeline.cli import app
 
 IMAGE = "coco_mini/train2017/000000000790.jpg"
@@ -88,7 +88,7 @@ def test_ground_finds_phrases_itself(shared_data, official_file):
 def test_ground_table_output_lists_the_reference_detections(shared_data, official_file):
     """At threshold 0 the table lists every detection `GLIPPredictor` gives for the same
     weights, image, span and sizes: the same boxes and scores, best first, one line each."""
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
 
     image = shared_data / IMAGE
     result = _run(

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from model.checkpoint import file_sha256
+from model.weights.checkpoint import file_sha256
 from pipeline.cli import app
 from pipeline.stages.teachers import inspect_teacher, load_teacher, resolve_device
 from tests.hf_fixtures import GD_MAX_TEXT_LEN
@@ -173,7 +173,7 @@ def test_ground_and_eval_take_an_hf_teacher(hf_teachers, shared_data, tmp_path):
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output.strip().splitlines()[-1])
-    from model.text import detection_prompt
+    from model.inputs.text import detection_prompt
 
     # The 80 class names are 80 queries (two passes of 64): every kept box is one prediction.
     caption, spans = detection_prompt([c["name"] for c in sorted(gold["categories"], key=lambda c: c["id"])])

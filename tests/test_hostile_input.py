@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from model.predict import Detections
+from model.inference.predict import Detections
 from pipeline.cli import app
 from pipeline.io.labels_io import read_detections
 from pipeline.io.phrases_file import read_phrases_file

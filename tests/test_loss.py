@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from model.box_coder import BoxCoder
-from model.loss import GLIPLoss, total_loss
-from model.loss_terms import atss_assign, centerness_targets, giou_loss, legacy_box_iou, token_sigmoid_focal_loss
+from model.network.box_coder import BoxCoder
+from model.training.loss import GLIPLoss, total_loss
+from model.training.loss_terms import atss_assign, centerness_targets, giou_loss, legacy_box_iou, token_sigmoid_focal_loss
 
 LN2 = math.log(2.0)
 

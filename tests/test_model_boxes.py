@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.anchors import AnchorGenerator
-from model.box_coder import BoxCoder
+from model.network.anchors import AnchorGenerator
+from model.network.box_coder import BoxCoder
 
 REFERENCE_LEVELS = [(60, 80), (30, 40), (15, 20), (8, 10), (4, 5)]  # P3..P7 of a 480x640 input
 

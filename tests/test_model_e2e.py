@@ -9,8 +9,8 @@ from PIL import Image
 
 from bench.reference_weights import fill_reference_weights, load_reference
 from model.config import get_config
-from model.glip import GLIP
-from model.predict import GLIPPredictor
+from model.network.glip import GLIP
+from model.inference.predict import GLIPPredictor
 
 CAPTION = "person. bicycle. car."
 SPANS = [(0, 6), (8, 15), (17, 20)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import get_config
-from model.glip import GLIP
+from model.network.glip import GLIP
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torchvision.models import mobilenet_v2
 
-from model.checkpoint import load_glip, save_glip
+from model.weights.checkpoint import load_glip, save_glip
 from model.config import get_config
-from model.glip import GLIP
-from model.mobilenet import MobileNetV2Body, find_imagenet_weights, load_imagenet_weights
-from model.preprocess import PIXEL_MEAN, PIXEL_STD
+from model.network.glip import GLIP
+from model.network.mobilenet import MobileNetV2Body, find_imagenet_weights, load_imagenet_weights
+from model.inputs.preprocess import PIXEL_MEAN, PIXEL_STD
 
 
 def test_imagenet_weights_load_strictly_and_see_rgb_input():

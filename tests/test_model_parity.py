@@ -14,9 +14,9 @@ import torch
 
 from bench.reference_weights import fill_reference_weights, load_reference
 from model.config import get_config
-from model.glip import GLIP
-from model.parity import forward_pairs
-from model.postprocess import ATSSPostProcessor
+from model.network.glip import GLIP
+from model.weights.parity import forward_pairs
+from model.inference.postprocess import ATSSPostProcessor
 
 TOLERANCE = 1e-4
 # The reference caption "person. bicycle. car.": label -> its token.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from model.checkpoint import load_glip, save_glip
+from model.weights.checkpoint import load_glip, save_glip
 from model.config import get_config
-from model.glip import GLIP
+from model.network.glip import GLIP
 
 
 def _inputs(seed: int = 0):

@@ -21,9 +21,9 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from model.anchors import AnchorGenerator
-from model.nms import greedy_keep, legacy_pairwise_iou, ml_nms_legacy, ml_nms_official_cpu, ml_nms_per_label
-from model.postprocess import ATSSPostProcessor, aggregate_token_probs, rescale_boxes
+from model.network.anchors import AnchorGenerator
+from model.inference.nms import greedy_keep, legacy_pairwise_iou, ml_nms_legacy, ml_nms_official_cpu, ml_nms_per_label
+from model.inference.postprocess import ATSSPostProcessor, aggregate_token_probs, rescale_boxes
 
 RUNS = ("t_c", "t_a")
 LEVEL_SIZES = [(60, 80), (30, 40), (15, 20), (8, 10), (4, 5)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import PIXEL_MEAN, PIXEL_STD, batch_images, image_to_tensor, resized_size
+from model.inputs.preprocess import PIXEL_MEAN, PIXEL_STD, batch_images, image_to_tensor, resized_size
 
 
 @pytest.mark.parametrize(

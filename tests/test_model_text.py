@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.text import (
+from model.inputs.text import (
     clean_name,
     detection_prompt,
     label_to_tokens,

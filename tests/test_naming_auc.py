@@ -29,7 +29,7 @@ def test_category_auc_hand_computed():
 
 
 def test_box_scores_real_teacher_on_world_split(tmp_path):
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
     from pipeline.demo.world import KINDS, write_world
 
     paths = write_world(tmp_path / "world", size="small", seed=0)

@@ -178,7 +178,7 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
     and `--init s3://...` starts a new run from it."""
     import torch
 
-    from model.checkpoint import load_glip
+    from model.weights.checkpoint import load_glip
     from pipeline.io import storage
     from pipeline.train.config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
     from pipeline.train.data import AugmentSettings, SourceSpec

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from model.checkpoint import file_sha256
+from model.weights.checkpoint import file_sha256
 from pipeline.cli import app
 from pipeline.io.labels_io import iter_pseudo_samples, read_detections
 from pipeline.stages.filtering import filter_row, get_preset

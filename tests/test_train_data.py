@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.augment import augment, flip_boxes, swap_left_right
-from model.text import load_tokenizer
-from model.train_targets import (
+from model.training.augment import augment, flip_boxes, swap_left_right
+from model.inputs.text import load_tokenizer
+from model.training.train_targets import (
     GroundingExample,
     TrainingSample,
     append_negative_phrases,

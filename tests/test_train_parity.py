@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from model.config import OFF, Regularisers, get_config, with_regularisers, without_regularisers
-from model.fpn import DropBlock
-from model.fusion import BertEncoderLayer, BiMultiHeadAttention
-from model.glip import GLIP
-from model.parity import loss_comparisons
-from model.swin import DropPath
+from model.network.fpn import DropBlock
+from model.network.fusion import BertEncoderLayer, BiMultiHeadAttention
+from model.network.glip import GLIP
+from model.weights.parity import loss_comparisons
+from model.network.swin import DropPath
 
 
 def _train_reference(reference_dir, name: str):
@@ -109,7 +109,7 @@ def test_without_regularisers_training_computes_what_eval_does():
 def test_check_parity_refuses_a_checkpoint_of_another_variant(reference_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
     from pipeline.cli import app
 
     tiny = tmp_path / "tiny.pth"
@@ -147,7 +147,7 @@ def test_train_student_regulariser_settings_build_the_student():
 
 def test_reference_image_formula_is_the_stored_image(reference_dir):
     # The training references hold no image: they use the README's formula, as the forward ones.
-    from model.parity import reference_bgr
+    from model.weights.parity import reference_bgr
 
     stored = np.load(reference_dir / "glip_t_c_reference.npz")["image_bgr_uint8"]
     assert np.array_equal(reference_bgr(), stored)

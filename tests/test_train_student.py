@@ -159,7 +159,7 @@ def test_two_worker_cli_run_and_official_layout(ray_cluster, tmp_path, overfit_j
     """Also the run's scalars, read back by TensorBoard's and MLflow's own readers."""
     from mlflow.tracking import MlflowClient
 
-    from model.checkpoint import load_glip
+    from model.weights.checkpoint import load_glip
 
     out, mlruns = tmp_path / "two", f"file://{tmp_path / 'mlruns'}"
     result = CliRunner().invoke(
@@ -245,9 +245,9 @@ def test_the_variant_follows_the_init_checkpoint_and_a_wrong_config_is_refused_b
     `--config` it does not fit is one line, exit 2, in seconds, with no Ray and nothing written."""
     import time
 
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
     from model.config import get_config
-    from model.glip import GLIP
+    from model.network.glip import GLIP
     from pipeline.train.student import student_variant
 
     torch.manual_seed(0)
@@ -343,9 +343,9 @@ def test_overfit_few_coco_images_to_high_ap(ray_cluster, tmp_path, overfit_json,
 
 
 def test_init_from_checkpoint_keeps_weights_at_zero_lr(ray_cluster, tmp_path, overfit_json, shared_data):
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
     from model.config import get_config
-    from model.glip import GLIP
+    from model.network.glip import GLIP
 
     torch.manual_seed(11)
     teacher = save_glip(GLIP(get_config("tiny")), tmp_path / "teacher.pth", provenance={"note": "random teacher"})

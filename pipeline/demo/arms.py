@@ -139,7 +139,7 @@ def train_arm(
 
 
 def evaluate_arm(checkpoint: str, paths: WorldPaths, schedule: DemoSchedule) -> dict:
-    from model.predict import GLIPPredictor
+    from model.inference.predict import GLIPPredictor
     from pipeline.evaluation.evaluate import evaluate_model
     from pipeline.train.tracking import record_evaluation
 

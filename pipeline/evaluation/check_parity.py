@@ -9,7 +9,7 @@ stored full gradients and every parameter's gradient norm. A forward reference r
 in eval mode: text features, Swin stages, FPN maps, every tower step, head outputs.
 
 Each compared tensor's max |ours - reference| / max |reference| is printed; gradient norms
-that are zero in exact arithmetic are compared absolutely (`model.parity`). The last line is
+that are zero in exact arithmetic are compared absolutely (`model.weights.parity`). The last line is
 `parity: max relative difference X over N tensors`; the exit status is 1 when a loss term or
 tensor differs by more than --tolerance, a gradient norm by more than --norm-tolerance (float32
 rounding alone moves the deepest norms by up to 4e-4), or a zero norm by more than --tolerance.
@@ -44,9 +44,9 @@ def check_parity_command(
     import numpy as np
     import torch
 
-    from model.checkpoint import load_glip
+    from model.weights.checkpoint import load_glip
     from model.config import OFF
-    from model.parity import NORM_PREFIX, forward_comparisons, load_summary, reference_kind, training_comparisons
+    from model.weights.parity import NORM_PREFIX, forward_comparisons, load_summary, reference_kind, training_comparisons
 
     if not reference.is_file():
         raise FileNotFoundError(f"{reference}: reference file not found")

@@ -232,10 +232,10 @@ def evaluate_model(
     max_images: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Zero-shot COCO detection of a teacher (`model.teacher.Teacher`; class names as the prompt)."""
+    """Zero-shot COCO detection of a teacher (`model.teachers.teacher.Teacher`; class names as the prompt)."""
     from PIL import Image, UnidentifiedImageError
 
-    from model.text import detection_prompt
+    from model.inputs.text import detection_prompt
 
     gold = load_gold(annotations)
     categories = sorted(gold.dataset["categories"], key=lambda c: c["id"])

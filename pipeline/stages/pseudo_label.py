@@ -6,7 +6,7 @@ phrases of the parse stage (`PHRASES/{shard}.parquet`, joined by key):
 1. a reader thread streams the tar, decodes each image (`pipeline.io.images.decode_rgb`: EXIF,
    modes, corrupt/tiny/bomb images skipped with a reason) while the model runs;
 2. images are grouped by aspect ratio (within a window of a few batches) and grounded in
-   batches of `--batch-size`, each with its own caption as the prompt (`model.teacher.Teacher`);
+   batches of `--batch-size`, each with its own caption as the prompt (`model.teachers.teacher.Teacher`);
 3. `OUT/detections/{shard}.parquet` gets every box above `--floor` for every sample
    (`pipeline.io.labels_io`), then `OUT/pseudo/{shard}.tar` the samples the filter policy keeps
    (source image bytes unchanged + the sample JSON of DESIGN.md). The tar is written last,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.teacher import TeacherIdentity
+from model.teachers.teacher import TeacherIdentity
 from pipeline.io import storage
 
 HF_PREFIX = "hf:"
@@ -32,7 +32,7 @@ class TeacherSource:
     uri: str  # the file or folder, without the hf: prefix
     kind: str  # "glip", "grounding-dino" or "owlv2"
     identity: TeacherIdentity
-    details: object  # model.checkpoint.CheckpointInfo (GLIP) or model.hf_teachers.HFModelInfo
+    details: object  # model.weights.checkpoint.CheckpointInfo (GLIP) or model.teachers.hf_teachers.HFModelInfo
 
     def to_dict(self) -> dict:
         return self.identity.to_dict()
@@ -61,7 +61,7 @@ def inspect_teacher(
 
 
 def _inspect_glip(uri: str, *, config: str, min_size: int | None, max_size: int | None) -> TeacherSource:
-    from model.checkpoint import inspect_checkpoint
+    from model.weights.checkpoint import inspect_checkpoint
 
     if storage.is_dir(uri):
         raise ValueError(f"--teacher {uri}: a folder; a transformers model folder is given as hf:{uri}")
@@ -84,7 +84,7 @@ def _inspect_glip(uri: str, *, config: str, min_size: int | None, max_size: int 
 
 
 def _inspect_hf(uri: str, *, config: str, min_size: int | None, max_size: int | None) -> TeacherSource:
-    from model.hf_teachers import inspect_hf_model
+    from model.teachers.hf_teachers import inspect_hf_model
 
     if not uri:
         raise ValueError("--teacher hf: needs a folder, e.g. hf:/models/grounding-dino-tiny")
@@ -105,10 +105,10 @@ def load_teacher(
     bf16: bool = False,
     phrase_score: str = "mean",
 ):
-    """The `model.teacher.Teacher` of a checked source, on `device` (bf16 autocast only on CUDA)."""
+    """The `model.teachers.teacher.Teacher` of a checked source, on `device` (bf16 autocast only on CUDA)."""
     bf16 = bf16 and str(device).startswith("cuda")
     if source.kind == "glip":
-        from model.predict import GLIPPredictor
+        from model.inference.predict import GLIPPredictor
 
         pre = source.identity.preprocessing
         return GLIPPredictor.from_checkpoint(
@@ -116,7 +116,7 @@ def load_teacher(
             min_size=pre["min_size"] or 0, max_size=pre["max_size"] or 0, bf16=bf16,
             score_agg=phrase_score.upper(),
         )
-    from model.hf_teachers import load_hf_teacher
+    from model.teachers.hf_teachers import load_hf_teacher
 
     folder = storage.local_folder_copy(source.uri)
     return load_hf_teacher(folder, source.details, device=device, bf16=bf16, score_agg=phrase_score.upper())

@@ -1,7 +1,7 @@
 """A training checkpoint: what one step of a run needs to continue exactly.
 
 Each checkpoint folder (reported through `ray.train.report`) holds `model.pth` (the official
-GLIP layout + metadata, `model.checkpoint.save_glip`), the optimizer and schedule in
+GLIP layout + metadata, `model.weights.checkpoint.save_glip`), the optimizer and schedule in
 `train_state.pt`, and per worker `rank_{r}.pt` with its RNG state and its data-stream
 position. Everything is written with `torch.save` of tensors and plain data and read back with
 `weights_only=True`.
@@ -27,7 +27,7 @@ def save_training_checkpoint(
     directory: Path, *, model, optimizer, scheduler, step: int, data_state: dict, rank: int, config: TrainConfig
 ) -> None:
     """Write this worker's part of a checkpoint into `directory` (merged by Ray Train)."""
-    from model.checkpoint import save_glip
+    from model.weights.checkpoint import save_glip
 
     torch.save(
         {
@@ -59,7 +59,7 @@ def save_training_checkpoint(
 
 def restore_training_checkpoint(directory: Path, *, model, optimizer, scheduler, stream, rank: int) -> int:
     """Load a checkpoint written by `save_training_checkpoint`; returns its step."""
-    from model.checkpoint import drop_ignored_keys, read_checkpoint
+    from model.weights.checkpoint import drop_ignored_keys, read_checkpoint
 
     for name in (MODEL_FILE, STATE_FILE, rank_file(rank)):
         if not (directory / name).is_file():

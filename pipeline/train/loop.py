@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model.loss import GLIPLoss, total_loss
+from model.training.loss import GLIPLoss, total_loss
 from pipeline.train.checkpoints import restore_training_checkpoint, save_training_checkpoint
 from pipeline.train.config import OptimizerConfig, StudentModel, TrainConfig
 from pipeline.train.data.loader import LoadedBatch, TrainLoader
@@ -107,10 +107,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, *,
 
 def build_student(spec: StudentModel, *, seed: int) -> torch.nn.Module:
     """A fresh model of `spec.variant`, or `--init` weights (official or ours), in train mode."""
-    from model.checkpoint import load_glip
+    from model.weights.checkpoint import load_glip
     from model.config import get_config, with_regularisers
-    from model.glip import GLIP
-    from model.pretrained import load_imagenet_backbone, load_minilm_text_encoder
+    from model.network.glip import GLIP
+    from model.weights.pretrained import load_imagenet_backbone, load_minilm_text_encoder
     from pipeline.io.storage import local_copy
 
     torch.manual_seed(seed)  # identical initial weights on every worker
@@ -203,7 +203,7 @@ class StudentTrainer:
     """One worker's training run: setup here, then `restore` (optional) and `run`."""
 
     def __init__(self, config: TrainConfig, *, rank: int, world_size: int, device: torch.device) -> None:
-        from model.text import load_tokenizer
+        from model.inputs.text import load_tokenizer
 
         self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
         self.model = build_student(config.model, seed=config.seed).to(device)

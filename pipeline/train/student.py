@@ -98,7 +98,7 @@ def student_variant(config: str | None, init: str | None) -> str:
     """The variant to build, checked against `--init` before Ray starts: `auto` (the default
     with `--init`) takes the file's own (our metadata, else the official key layout); a given
     variant the file does not fit is refused in one line naming the variant it holds."""
-    from model.checkpoint import CheckpointError, inspect_checkpoint
+    from model.weights.checkpoint import CheckpointError, inspect_checkpoint
     from model.config import VARIANTS, get_config
 
     auto = config in (None, "auto")

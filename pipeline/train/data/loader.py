@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.augment import augment
-from model.train_targets import GroundingExample, TrainingBatch, collate
+from model.training.augment import augment
+from model.training.train_targets import GroundingExample, TrainingBatch, collate
 from pipeline.io import storage
 from pipeline.io.images import ImageDecodeError, decode_rgb
 from pipeline.train.data.mixing import MixedSampleStream, PairedSampleStream, PlannedSample

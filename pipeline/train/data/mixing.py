@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model.train_targets import append_negative_phrases, detection_caption
+from model.training.train_targets import append_negative_phrases, detection_caption
 from nlp.vocabulary import phrase_name
 from pipeline.train.data.pseudo_stream import PseudoShardStream, list_pseudo_shards
 from pipeline.train.data.records import Record, Span, read_json

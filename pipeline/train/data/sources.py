@@ -1,7 +1,7 @@
 """The gold sources, read whole at construction and indexed by position.
 
 * `coco`: COCO detection JSON + image folder, turned into grounding prompts of class names with
-  random negative classes per sample (GLIP's od_to_grounding, `model.train_targets.detection_caption`);
+  random negative classes per sample (GLIP's od_to_grounding, `model.training.train_targets.detection_caption`);
 * `grounding`: MDETR/GoldG JSON (COCO layout; each image has a `caption`, each box
   `tokens_positive` spans into it);
 * `odvg`: ODVG JSONL (MM-Grounding-DINO): lines with `grounding` (caption + regions) or
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from model.train_targets import xywh_to_xyxy
+from model.training.train_targets import xywh_to_xyxy
 from pipeline.train.data.records import (
     Record,
     grounding_record,

@@ -62,7 +62,7 @@ def paired_sources(specs) -> tuple[list[SourceSpec], list[SourceSpec]]:
 @dataclass(frozen=True)
 class AugmentSettings:
     """Training transform: random short side from `min_sizes`, long side <= `max_size`, and
-    the strong augmentation of `model.augment.augment` (off by default)."""
+    the strong augmentation of `model.training.augment.augment` (off by default)."""
 
     min_sizes: tuple[int, ...] = TRAIN_MIN_SIZES
     max_size: int = TRAIN_MAX_SIZE

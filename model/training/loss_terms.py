@@ -1,7 +1,7 @@
-"""The terms `model.loss.GLIPLoss` is built from: ATSS assignment, token focal loss, GIoU, centerness.
+"""The terms `loss.GLIPLoss` is built from: ATSS assignment, token focal loss, GIoU, centerness.
 
 Each reproduces its part of the official `modeling/rpn/loss.py` (the rules are spelled out in
-the `model.loss` docstring); batching, the positive count averaged over workers and the
+the `model.training.loss` docstring); batching, the positive count averaged over workers and the
 self-training weights belong to `GLIPLoss`.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.box_coder import BoxCoder
+from model.network.box_coder import BoxCoder
 
 # The official code marks "not assigned" with -INF in its IoU table.
 _INF = 1e8

@@ -7,8 +7,8 @@ A teacher grounds phrases in images. Its one call,
 takes PIL images, one caption per image and, per image, one entry per phrase (a `(start, end)`
 character span into the caption, or a list of such spans), and returns one `Detections` per
 image: boxes xyxy in the ORIGINAL image's pixels, a score in [0, 1] per box and the index of
-the phrase each box grounds. Implementations: `model.predict.GLIPPredictor` (GLIP, the
-official maths) and `model.hf_teachers` (Grounding DINO and OWLv2 through transformers).
+the phrase each box grounds. Implementations: `model.inference.predict.GLIPPredictor` (GLIP, the
+official maths) and `model.teachers.hf_teachers` (Grounding DINO and OWLv2 through transformers).
 
 `TeacherIdentity` says which weights produced a label: it goes into every pseudo sample's
 `teacher` entry and into each stage's `_stats.json`.

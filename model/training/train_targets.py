@@ -8,7 +8,7 @@ path that do not depend on where the data comes from:
   negative classes (`od_to_grounding.py`, `convert_object_detection_to_grounding_optimized_for_od`
   with the default control probabilities: half of the time every sampled negative, otherwise
   a random number of them, all under the 256-token budget);
-* the augmentations (resize, flip with the caption, strong options) are in `model.augment`;
+* the augmentations (resize, flip with the caption, strong options) are in `model.training.augment`;
 * `collate`: tokenisation (at most 256 tokens), positive maps, dropping boxes whose spans fall
   past the token limit, and padding the images into one batch.
 
@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.preprocess import batch_images
-from model.text import clean_name, positive_map_from_spans, tokenize
+from model.inputs.preprocess import batch_images
+from model.inputs.text import clean_name, positive_map_from_spans, tokenize
 
 Span = tuple[int, int]
 
@@ -81,7 +81,7 @@ class TrainingBatch:
     images: [B, 3, H, W] zero-padded to a multiple of 32; image_sizes: un-padded (h, w);
     input_ids, attention_mask: [B, L] int64 (L <= 256); targets: per image dict(boxes [G, 4]
     xyxy in the padded-input frame, positive_map [G, L] float 0/1, and for weighted pseudo
-    samples `weights` [G] and `background_weight`, see `model.loss`); dropped_boxes: boxes whose
+    samples `weights` [G] and `background_weight`, see `model.training.loss`); dropped_boxes: boxes whose
     phrase fell past the token limit (or mapped to no token) and were left out.
     """
 

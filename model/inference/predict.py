@@ -1,6 +1,6 @@
 """Batched grounding: images + captions + phrase spans -> boxes in original pixels.
 
-The GLIP teacher (`model.teacher.Teacher`) of `pipeline ground`, `pseudo-label` and `eval`.
+The GLIP teacher (`model.teachers.teacher.Teacher`) of `pipeline ground`, `pseudo-label` and `eval`.
 It composes the official steps in their order: test transform (resize, BGR x255 normalise,
 pad to 32), tokenisation, the GLIP forward, ATSS post-processing with MEAN phrase scores,
 and the rescaling of boxes to the original image size (BoxList.resize: plain ratios).
@@ -26,12 +26,12 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from model.checkpoint import CheckpointInfo, load_glip
-from model.glip import GLIP
-from model.postprocess import ATSSPostProcessor, rescale_boxes
-from model.preprocess import batch_images, image_to_tensor
-from model.teacher import MIN_BOX_SIDE, Detections, Span, TeacherIdentity, check_batch, entity_spans, merge_detections
-from model.text import label_to_tokens, load_tokenizer, positive_map_from_spans, split_prompt, tokenize
+from model.weights.checkpoint import CheckpointInfo, load_glip
+from model.network.glip import GLIP
+from model.inference.postprocess import ATSSPostProcessor, rescale_boxes
+from model.inputs.preprocess import batch_images, image_to_tensor
+from model.teachers.teacher import MIN_BOX_SIDE, Detections, Span, TeacherIdentity, check_batch, entity_spans, merge_detections
+from model.inputs.text import label_to_tokens, load_tokenizer, positive_map_from_spans, split_prompt, tokenize
 
 __all__ = ["Detections", "GLIPPredictor", "MIN_BOX_SIDE"]
 

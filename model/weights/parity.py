@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.loss import GLIPLoss, total_loss
-from model.preprocess import PIXEL_MEAN, PIXEL_STD
+from model.training.loss import GLIPLoss, total_loss
+from model.inputs.preprocess import PIXEL_MEAN, PIXEL_STD
 
 LEVELS = (3, 4, 5, 6, 7)
 LOSS_TERMS = ("loss_reg", "loss_centerness", "loss_dot_product_token")

@@ -2,7 +2,7 @@
 
 forward goes through the paper's stages in order: visual backbone (Swin + FPN), language
 backbone (BERT), deep fusion + DyHead tower and the dot-product grounding head. Post-processing
-is separate (`model.postprocess`), composed by `model.predict.GLIPPredictor`.
+is separate (`model.inference.postprocess`), composed by `model.inference.predict.GLIPPredictor`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from model.anchors import AnchorGenerator
+from model.network.anchors import AnchorGenerator
 from model.config import GLIPConfig
-from model.dyhead import VLDyHead
-from model.fpn import FPN
-from model.language import LanguageBackbone
-from model.mobilenet import MobileNetV2Body
-from model.swin import SwinTransformer
+from model.network.dyhead import VLDyHead
+from model.network.fpn import FPN
+from model.network.language import LanguageBackbone
+from model.network.mobilenet import MobileNetV2Body
+from model.network.swin import SwinTransformer
 
 
 @dataclass

@@ -12,7 +12,7 @@ per level (`select_level_candidates`)
   4. decode against the anchors, report sqrt(score), clip to [0, W-1] x [0, H-1], drop boxes of
      negative "+1" width or height (remove_small_boxes(0));
 over all levels (`ATSSPostProcessor.select_over_all_levels`)
-  5. concatenate P3..P7, multi-label NMS (`model.nms`, mode "gpu" = the official GPU kernel),
+  5. concatenate P3..P7, multi-label NMS (`model.inference.nms`, mode "gpu" = the official GPU kernel),
      and if more than detections_per_img remain keep scores >= the kthvalue threshold (ties
      can keep a few more).
 
@@ -28,8 +28,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from model.box_coder import BoxCoder
-from model.nms import ml_nms_legacy, ml_nms_official_cpu, ml_nms_per_label
+from model.network.box_coder import BoxCoder
+from model.inference.nms import ml_nms_legacy, ml_nms_official_cpu, ml_nms_per_label
 
 ImageSize = tuple[int, int]  # (height, width) of the un-padded network input
 LabelToTokens = Mapping[int, Sequence[int]]
@@ -243,7 +243,7 @@ class ATSSPostProcessor:
         )
 
     def nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Kept indices of the configured multi-label NMS (see `model.nms`)."""
+        """Kept indices of the configured multi-label NMS (see `model.inference.nms`)."""
         if self.nms_thresh <= 0:  # official boxlist_ml_nms returns the input untouched
             return torch.arange(boxes.shape[0], device=boxes.device)
         return _NMS_FUNCTIONS[self.nms_mode](boxes, scores, labels, self.nms_thresh)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from model.config import GLIPConfig
-from model.fusion import CLAMP, BertEncoderLayer, VLFuse
+from model.network.fusion import CLAMP, BertEncoderLayer, VLFuse
 
 
 def h_sigmoid(x: Tensor) -> Tensor:

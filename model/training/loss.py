@@ -32,7 +32,7 @@ The 80-class `cls_logits` focal loss of the official code is multiplied by 0 the
 left out here. Everything is computed in float32 (the official `custom_fwd(cast_inputs=
 float32)`), so bf16 autocast outside does not change the loss arithmetic.
 
-The terms themselves (assignment, focal loss, GIoU, centerness targets) are in `model.loss_terms`.
+The terms themselves (assignment, focal loss, GIoU, centerness targets) are in `model.training.loss_terms`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.box_coder import BoxCoder
-from model.loss_terms import atss_assign, centerness_targets, giou_loss, token_sigmoid_focal_loss
+from model.network.box_coder import BoxCoder
+from model.training.loss_terms import atss_assign, centerness_targets, giou_loss, token_sigmoid_focal_loss
 
 
 def _average_over_workers(value: float, device: torch.device) -> float:

@@ -6,7 +6,7 @@ MDETR/GLIP do, but re-bases every span so it still covers the same phrase. Optio
 augmentation for students (Noisy Student): scale jitter, a random crop that keeps every box
 whole (MDETR's `RandomSizeCrop(respect_boxes=True)`, so no phrase loses its box) and cutout
 patches that hide at most half of any box; no colour jitter, since colour words are labels.
-It takes a `model.train_targets.GroundingExample` and returns a `TrainingSample` for `collate`.
+It takes a `model.training.train_targets.GroundingExample` and returns a `TrainingSample` for `collate`.
 
 Boxes are xyxy absolute pixels with the legacy "+1" convention of maskrcnn_benchmark
 (a box [x0, x1] covers x1 - x0 + 1 pixels), like every box of the official code.
@@ -23,8 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from model.config import TRAIN_MAX_SIZE, TRAIN_MIN_SIZES
-from model.preprocess import PIXEL_MEAN, PIXEL_STD, image_to_tensor, resized_size
-from model.train_targets import GroundingExample, Span, TrainingSample
+from model.inputs.preprocess import PIXEL_MEAN, PIXEL_STD, image_to_tensor, resized_size
+from model.training.train_targets import GroundingExample, Span, TrainingSample
 
 # -- boxes --------------------------------------------------------------------------------
 

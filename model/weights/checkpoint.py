@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from model.config import GLIPConfig, Regularisers, config_from_dict, config_to_dict, get_config, with_regularisers
-from model.glip import GLIP
+from model.network.glip import GLIP
 
 METADATA_KEY = "glip_engine"
 FORMAT_VERSION = 1

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from model.teacher import (
+from model.teachers.teacher import (
     MIN_BOX_SIDE,
     Detections,
     Span,
@@ -46,7 +46,7 @@ from model.teacher import (
     entity_spans,
     merge_detections,
 )
-from model.text import positive_map_from_spans, split_prompt
+from model.inputs.text import positive_map_from_spans, split_prompt
 
 MODEL_TYPES = {"grounding-dino": "GroundingDinoForObjectDetection", "owlv2": "Owlv2ForObjectDetection"}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -116,7 +116,7 @@ def _read_json(folder: str, name: str, *, hint: str) -> dict[str, Any]:
 
 
 def _weights_sha256(folder: str, names: Sequence[str]) -> str:
-    from model.checkpoint import file_sha256
+    from model.weights.checkpoint import file_sha256
 
     hashes = [file_sha256(os.path.join(folder, n)) for n in names]
     if len(hashes) == 1:
@@ -203,7 +203,7 @@ class _HFTeacher:
         captions: Sequence[str],
         phrase_spans: Sequence[Sequence[Span | Sequence[Span]]],
     ) -> list[Detections]:
-        """One `Detections` per image (`model.teacher.Teacher`); boxes xyxy in original pixels."""
+        """One `Detections` per image (`model.teachers.teacher.Teacher`); boxes xyxy in original pixels."""
         check_batch(images, captions, phrase_spans)
         pictures = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
         return self._predict(pictures, list(captions), [entity_spans(spans) for spans in phrase_spans])

