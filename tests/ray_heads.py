@@ -4,9 +4,12 @@ ports and temp dir), stopped by the pids of its own processes only (never `ray s
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,13 @@ def own_processes(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def short_temp(prefix: str) -> Path:
+    """A head's temp dir directly under /tmp: Ray's Unix socket paths lie under it and must stay
+    within 107 bytes, which pytest's own temp folders exceed (deeper still under pytest-xdist,
+    `popen-gw1/`: "AF_UNIX path length cannot exceed 107 bytes", the head's dashboard fails)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def head_command(temp: Path, dashboard: int) -> list[str]:
@@ -52,8 +62,9 @@ def bare_head_env() -> dict[str, str]:
     return env
 
 
-def stop_head(temp: Path) -> None:
-    """Stop the head started with `temp` as its temp dir, by the pids of its own processes only."""
+def stop_head(temp: Path, *, remove: bool = False) -> None:
+    """Stop the head started with `temp` as its temp dir, by the pids of its own processes only
+    (and with `remove`, delete that dir)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in own_processes(str(temp)):
             try:
@@ -61,3 +72,19 @@ def stop_head(temp: Path) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(2)
+    if remove:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def start_head(temp: Path, dashboard: int, env: dict[str, str], attempts: int = 3) -> None:
+    """`ray start --head` (head_command); a start that misses Ray's fixed 30 s start-up limit (a
+    busy machine, as the engine's own embedded start meets it) is stopped and tried again. Any
+    other failure, or the last one, raises with Ray's own output."""
+    for attempt in range(1, attempts + 1):
+        done = subprocess.run(head_command(temp, dashboard), env=env, timeout=180, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        output = done.stdout + done.stderr
+        if "timed out during startup" not in output or attempt == attempts:
+            raise RuntimeError(f"ray start --head failed (exit {done.returncode}):\n{output[-3000:]}")
+        stop_head(temp)

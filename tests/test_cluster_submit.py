@@ -9,7 +9,6 @@ import copy
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,20 +17,20 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from tests.pseudo_fixtures import coco_samples, write_shard
-from tests.ray_heads import bare_head_env, free_port, head_command, stop_head
+from tests.ray_heads import bare_head_env, free_port, short_temp, start_head, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("rc")
+    temp = short_temp("rc-")
     dashboard = free_port()
-    subprocess.run(head_command(temp, dashboard), check=True, env=bare_head_env(), timeout=180, capture_output=True)
+    start_head(temp, dashboard, bare_head_env())
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        stop_head(temp)
+        stop_head(temp, remove=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.pseudo_fixtures import coco_samples, write_shard
-from tests.ray_heads import bare_head_env, free_port, head_command, stop_head
+from tests.ray_heads import bare_head_env, free_port, short_temp, start_head, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
@@ -42,16 +42,15 @@ def late_head(tmp_path_factory, shared_data):
     submit = subprocess.Popen(_submit(address, "--wait-cluster", "240", "--", *stage), cwd=REPO, env=CLIENT_ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)
-    temp = root / "ray"
-    temp.mkdir()
-    subprocess.run(head_command(temp, dashboard), check=True, env=bare_head_env(), timeout=180, capture_output=True)
+    temp = short_temp("late-")
+    start_head(temp, dashboard, bare_head_env())
     try:
         stdout, stderr = submit.communicate(timeout=400)
         yield address, subprocess.CompletedProcess(submit.args, submit.returncode, stdout, stderr), out
     finally:
         if submit.poll() is None:
             submit.kill()
-        stop_head(temp)
+        stop_head(temp, remove=True)
 
 
 def test_submit_waits_for_a_cluster_that_starts_later(late_head):

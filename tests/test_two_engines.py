@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.pseudo_fixtures import coco_samples, write_shard
-from tests.ray_heads import free_port, head_command, stop_head
+from tests.ray_heads import free_port, start_head, stop_head
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 COCO = "coco_mini/annotations/instances_train2017_subset.json"
@@ -34,7 +34,7 @@ def other_cluster():
     temp = home / "ray"
     env = {**os.environ, "RAY_TMPDIR": str(home)}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(head_command(temp, free_port()), check=True, env=env, timeout=180, capture_output=True)
+    start_head(temp, free_port(), env)
     assert (temp / "ray_current_cluster").is_file()  # what a plain ray.init() would join
     try:
         yield env, home
