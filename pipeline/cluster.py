@@ -27,6 +27,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,19 +162,37 @@ def _start_embedded(*, num_cpus: int | None, num_gpus: int | None, include_dashb
     write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
 
 
-def _stop_processes_under(root: str) -> None:
+def _stop_processes_under(root: str, *, timeout_s: float = 10.0) -> None:
     """SIGKILL the processes whose command line names `root` (a half-started embedded Ray:
-    its GCS, raylet and agents all take our unique temp dir as an argument), never another's."""
+    its GCS, raylet and agents all take our unique temp dir as an argument), never another's.
+    The scan is repeated until it finds none (a process starting during one scan is caught by
+    the next; a killed one's command line reads empty), for at most `timeout_s`."""
     import signal
 
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = _pids_naming(root)
+        if not found or time.monotonic() > deadline:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+        time.sleep(0.2)
+
+
+def _pids_naming(root: str) -> list[int]:
+    pids = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if root in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
+                pids.append(int(entry.name))
+        except OSError:
             continue
+    return pids
 
 
 def _free_port() -> int:
