@@ -180,6 +180,7 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
 
     from model.weights.checkpoint import load_glip
     from pipeline.io import storage
+    from pipeline.report.training import read_scalars
     from pipeline.train.config import CheckpointPolicy, DataConfig, Resources, StudentModel, TrainConfig
     from pipeline.train.data import AugmentSettings, SourceSpec
     from pipeline.train.loop import build_student
@@ -201,7 +202,14 @@ def test_train_student_reads_and_writes_s3(s3, tmp_path, shared_data, monkeypatc
     outcome = run_training(config)
     assert outcome.student == "s3://engine/student/student.pth"
     names = {path.rsplit("/", 1)[-1] for path in s3.ls("engine/student")}
-    assert {"student.pth", "_stats.json", "train_config.json", "ray"} <= names
+    assert {"student.pth", "_stats.json", "train_config.json", "ray", "tensorboard"} <= names
+    # The curves: rank 0's event files, staged locally and copied to OUT/tensorboard/, read back
+    # from the object store by TensorBoard's own reader (what `pipeline report` shows).
+    scalars, source = read_scalars("s3://engine/student")
+    assert source == "TensorBoard event files"
+    assert {"loss/total", "loss/reg", "loss/centerness", "loss/dot_product_token", "lr/model", "train/grad_norm"} <= set(scalars)
+    assert [step for step, _ in scalars["loss/total"]] == [1, 2]  # rank 0 only: one point per step
+    assert all(0 < value < float("inf") for _, value in scalars["loss/total"])
     model, _ = load_glip(storage.local_copy(outcome.student))
     assert model.config.name == "tiny-cpu"
     again = build_student(StudentModel(variant="tiny-cpu", init=outcome.student), seed=0)

@@ -59,8 +59,9 @@ def histograms(series: dict[str, Sequence[float]], *, bins, xlabel: str, ylabel:
 
 
 def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str, log: bool = False,
-          width: float = 5.0) -> str:
-    """One line per named (x, y) series ("" when there is none)."""
+          width: float = 5.0, from_zero: bool = False) -> str:
+    """One line per named (x, y) series ("" when there is none); `from_zero`: the y axis starts at 0
+    (a rate, whose small wobbles should not fill the chart)."""
     series = {name: xy for name, xy in series.items() if len(xy[0])}
     if not series:
         return ""
@@ -71,6 +72,8 @@ def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel:
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
+        elif from_zero:
+            ax.set_ylim(bottom=0)
         if len(series) > 1:
             ax.legend(frameon=False, fontsize=8)
         return png(ax)

@@ -41,19 +41,24 @@ def shard_reports(folder: str) -> list[dict]:
 
 def throughput_chart(reports: list[dict]) -> tuple[str, str]:
     """(chart, what it shows). With the workers' finishing times (`finished_at`): samples/s of
-    the whole stage over wall time, in up to `TIME_BINS` bins. Without (runs before they were
-    recorded): each shard's own samples/s (its samples over its worker seconds), in shard order."""
+    the whole stage over wall time, in up to `TIME_BINS` bins of about 4 shards or more.
+    Without (runs before they were recorded): each shard's own samples/s (its samples over its
+    worker seconds), in shard order."""
     timed = sorted((r for r in reports if r.get("finished_at")), key=lambda r: r["finished_at"])
     if len(timed) >= 2:
         start = min(r["finished_at"] - r.get("seconds", 0.0) for r in timed)
         span = max(timed[-1]["finished_at"] - start, 1e-6)
-        width = span / min(TIME_BINS, len(timed))
-        bins = [0.0] * min(TIME_BINS, len(timed))
+        # About 4 shards a bin at least: with one, the bins where no worker happened to finish read
+        # 0 samples/s and a steady stage draws a saw-tooth.
+        count = max(2, min(TIME_BINS, len(timed) // 4))
+        width = span / count
+        bins = [0.0] * count
         for r in timed:
             bins[min(int((r["finished_at"] - start) / width), len(bins) - 1)] += r.get("samples", 0)
-        minutes = [(i + 0.5) * width / 60 for i in range(len(bins))]
-        chart = figures.lines({"samples/s": (minutes, [b / width for b in bins])}, xlabel="minutes since the first shard began",
-                              ylabel="samples/s (all workers)")
+        unit, scale = ("minutes", 60.0) if span >= 120 else ("seconds", 1.0)  # short stages: readable ticks
+        times = [(i + 0.5) * width / scale for i in range(len(bins))]
+        chart = figures.lines({"samples/s": (times, [b / width for b in bins])}, xlabel=f"{unit} since the first shard began",
+                              ylabel="samples/s (all workers)", from_zero=True)
         return chart, f"samples/s of the whole stage over time, from the finishing times of {len(timed):,} shards"
     rated = [r for r in sorted(reports, key=lambda r: r["shard_id"]) if r.get("seconds")]
     if not rated:

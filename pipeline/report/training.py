@@ -6,7 +6,6 @@ TensorBoard event files (`pipeline.train.tracking`) with TensorBoard's own reade
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pipeline.io import storage
 from pipeline.report import figures
@@ -19,11 +18,12 @@ CURVE_POINTS = 2000  # per scalar: TensorBoard's reservoir keeps a bounded, even
 
 def read_scalars(folder: str) -> tuple[Scalars, str]:
     """Every tracked scalar of a run folder, and where it came from."""
-    events = Path(folder) / TENSORBOARD_DIR
-    if "://" not in folder and events.is_dir() and any(events.iterdir()):
+    events = storage.join(folder, TENSORBOARD_DIR)
+    if storage.list_names(events):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": CURVE_POINTS})
+        local = storage.local_folder_copy(events)  # an object store's event files: copied once (small)
+        accumulator = EventAccumulator(local, size_guidance={"scalars": CURVE_POINTS})
         accumulator.Reload()
         tags = accumulator.Tags()["scalars"]
         return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in tags}, "TensorBoard event files"
