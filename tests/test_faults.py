@@ -21,14 +21,11 @@ from tests.test_pseudo_label import phrases, world  # noqa: F401  (module fixtur
 @pytest.fixture(scope="module")
 def ray_local():
     """Embedded Ray with the dashboard: the test finds the worker to kill through the state API."""
-    import ray
-
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, shutdown_ray
 
     started = init_ray(None, num_cpus=2, include_dashboard=True)
     yield
-    if started:
-        ray.shutdown()
+    shutdown_ray(started)  # not a bare ray.shutdown(): this restores RAY_TMPDIR and removes the temp root
 
 
 def _config(world, phrases, out: Path):  # noqa: F811

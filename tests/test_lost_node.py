@@ -91,7 +91,9 @@ def cluster():
     from pipeline.cluster import init_ray, shutdown_ray
 
     previous = os.environ.get("RAY_TMPDIR")
-    root = Path(tempfile.mkdtemp(prefix="ln-", dir=previous or "/tmp"))  # short: socket paths are length-limited
+    # Directly under /tmp: Ray's socket paths are length-limited (107 bytes), and a RAY_TMPDIR left
+    # by an earlier test's embedded Ray once nested this root in its own and crashed the driver.
+    root = Path(tempfile.mkdtemp(prefix="ln-", dir="/tmp"))
     os.environ["RAY_TMPDIR"] = str(root)
     # Each shard worker waits 1 s per shard (the nodes' raylets, started from this process, pass
     # it to their workers): six tiny shards would otherwise be done before Ray declares a node

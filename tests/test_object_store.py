@@ -131,6 +131,7 @@ def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shar
 
     from nlp.phrases import ExtractorSettings
     from pipeline.cli import app
+    from pipeline.cluster import shutdown_ray
     from pipeline.io.labels_io import read_detections
     from pipeline.stages.parse_captions import ParseCaptionsConfig, run_parse_captions
     from tests.pseudo_fixtures import tiny_teacher
@@ -156,8 +157,7 @@ def test_pseudo_label_with_an_s3_teacher_equals_the_local_run(s3, tmp_path, shar
                                         "--teacher", str(teacher), "--out", str(local / "labelled"), *flags])
         assert here.exit_code == 0, here.output
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_ray(ray.is_initialized())  # restores RAY_TMPDIR and removes the temp root, as a verb does
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and cached[0].read_bytes() == teacher.read_bytes()
     got, metadata = read_detections("s3://engine/labelled/detections/00000.parquet")

@@ -30,14 +30,11 @@ ODD_BAD = {"truncated": "truncated", "not_an_image": "not_an_image", "tiny": "to
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, shutdown_ray
 
     started = init_ray(None, num_cpus=2)
     yield
-    if started:
-        ray.shutdown()
+    shutdown_ray(started)  # not a bare ray.shutdown(): this restores RAY_TMPDIR and removes the temp root
 
 
 @pytest.fixture(scope="module")
