@@ -171,7 +171,7 @@ def _stop_processes_under(root: str, *, timeout_s: float = 10.0) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        found = _pids_naming(root)
+        found = pids_naming(root)
         if not found or time.monotonic() > deadline:
             return
         for pid in found:
@@ -182,13 +182,14 @@ def _stop_processes_under(root: str, *, timeout_s: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def _pids_naming(root: str) -> list[int]:
+def pids_naming(marker: str) -> list[int]:
+    """Pids of the processes (this one apart) whose command line contains `marker`."""
     pids = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if root in (entry / "cmdline").read_bytes().decode(errors="replace"):
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
                 pids.append(int(entry.name))
         except OSError:
             continue

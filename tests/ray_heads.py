@@ -13,24 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.cluster import pids_naming
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def own_processes(marker: str) -> list[int]:
-    """Pids whose command line names `marker` (the cluster's unique temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def short_temp(prefix: str) -> Path:
@@ -66,7 +55,7 @@ def stop_head(temp: Path, *, remove: bool = False) -> None:
     """Stop the head started with `temp` as its temp dir, by the pids of its own processes only
     (and with `remove`, delete that dir)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in own_processes(str(temp)):
+        for pid in pids_naming(str(temp)):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
