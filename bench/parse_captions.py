@@ -8,7 +8,8 @@ Two corpora from ../shared/data/captions, each packed into WebDataset shards (`{
 For each corpus and repeat (with the load average at that moment) it prints captions/s of
 * raw: spaCy as shipped, `nlp.pipe(captions, batch_size=256)` over every caption (NER and
   lemmatizer disabled, as in the stage; spaCy's attribute ruler, which the stage replaces by
-  `nlp.pos_from_tag`), pinned to one core, no cleaning, no phrase extraction, no I/O;
+  `nlp.pos_from_tag`), pinned to one core, no cleaning, no phrase extraction, no I/O; timed
+  before and after the stage runs and averaged (one core's rate drifts on a shared machine);
 * extractor: `PhraseExtractor.extract_batch` in this process on the same core (the stage's
   spaCy pipeline, cleaning, de-duplication, phrase extraction; no I/O, no Ray);
 * stage, 1 and 2 workers: `run_parse_captions` on Ray Data (read shards, clean, de-duplicate,
@@ -208,16 +209,23 @@ def main() -> None:
                 write_shards(captions, root / name / "shards")
                 for repeat in range(1, args.repeats + 1):
                     load_before = os.getloadavg()[0]
-                    raw = one_core_rate(raw_parse(stock), captions)
+                    # raw before and after the stage runs, averaged: one core's rate drifts by
+                    # +-15% over minutes on a shared VM, and every ratio is divided by it
+                    raw_before = one_core_rate(raw_parse(stock), captions)
                     extract = one_core_rate(extract_in_process(nlp), captions)
                     one = stage_rates(root / name / "shards", root / name / "w1", workers=1)
                     two = stage_rates(root / name / "shards", root / name / "w2", workers=2)
+                    raw_after = one_core_rate(raw_parse(stock), captions)
+                    raw = (raw_before + raw_after) / 2
                     stats = one["stats"]
                     print(
                         f"{name} #{repeat}: {len(captions):,} captions in {-(-len(captions) // SHARD_SIZE)} shards, "
                         f"{stats['unique_captions']:,} distinct parsed; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
                     )
-                    print(f"  raw nlp.pipe (stock spaCy), 1 core {raw:8.1f} captions/s")
+                    print(
+                        f"  raw nlp.pipe (stock spaCy), 1 core {raw:8.1f} captions/s  "
+                        f"(mean of {raw_before:.1f} before and {raw_after:.1f} after the stage runs)"
+                    )
                     print(f"  extractor in process, 1 core      {extract:8.1f} captions/s  ({extract / raw:.2f}x raw)")
                     for label, run in (("stage, 1 worker", one), ("stage, 2 workers", two)):
                         print_stage(label, run, raw)

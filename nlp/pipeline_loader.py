@@ -18,11 +18,18 @@ as a table lookup, then spaCy's own AttributeRuler with the remaining patterns t
 TAG or DEP, in their original order (a later pattern still wins). POS, TAG and DEP come out
 identical (tests/test_nlp_phrases.py checks real captions); MORPH and LEMMA, which nothing
 here reads, are no longer set. `load_english_pipeline(..., stock=True)` keeps spaCy's ruler.
+
+spaCy's default pipelines are CNNs on thinc's numpy ops and never call PyTorch, but thinc
+imports torch whenever it is installed: 1.7-2 s of every process that parses (each
+parse-captions actor, the driver). For the default pipelines spaCy is therefore first
+imported without torch (`import_spacy`); a pipeline the user names (maybe a transformer) is
+imported as spaCy does.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,9 +51,33 @@ class SpacyPipelineNotFound(RuntimeError):
     """No usable spaCy pipeline is installed under the requested (or default) names."""
 
 
+def import_spacy(name: str | None = None):
+    """The `spacy` module, imported so as to load pipeline `name` (None: the defaults).
+
+    For the default pipelines, and when nothing in this process has imported torch yet, thinc
+    is kept from importing it: while spaCy is first imported, `sys.modules["torch"]` is None,
+    so thinc's `import torch` raises ImportError and thinc runs without it
+    (`thinc.compat.has_torch` False). The entry is removed straight after: the process can
+    still import torch, only thinc's PyTorch wrappers (which these pipelines do not use) stay
+    off. Any other pipeline may be a transformer that needs them: spaCy is imported as usual.
+    """
+    if "spacy" in sys.modules or "torch" in sys.modules or (name is not None and name not in DEFAULT_PIPELINES):
+        import spacy
+
+        return spacy
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import spacy
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return spacy
+
+
 def find_pipeline(name: str | None = None) -> str:
     """`name` if it is an installed package or a pipeline folder, else the first installed
     of `DEFAULT_PIPELINES`; raises SpacyPipelineNotFound saying how to install one."""
+    import_spacy(name)
     import spacy.util
 
     candidates = (name,) if name else DEFAULT_PIPELINES
@@ -93,7 +124,7 @@ def _is_pipeline_folder(candidate: str) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, stock: bool) -> Language:
-    import spacy
+    spacy = import_spacy(name)
 
     nlp = spacy.load(name, disable=list(DISABLED_COMPONENTS))
     if not stock and "attribute_ruler" in nlp.pipe_names:

@@ -288,3 +288,39 @@ def test_settings_metadata_names_every_rule(nlp) -> None:
     assert metadata["spacy_pipeline_version"] == "3.8.0"
     with pytest.raises(ValueError, match="unknown mode"):
         ExtractorSettings(mode="chunks")
+
+
+IMPORT_PROBE = """
+import json, sys
+from nlp.pipeline_loader import load_english_pipeline
+nlp = load_english_pipeline(sys.argv[1] or None)
+import thinc.compat
+before = "torch" in sys.modules
+import torch  # the process can still import it afterwards
+doc = nlp("A young woman with an umbrella crossing a bridge")
+print(json.dumps({"torch_at_load": before, "thinc_torch": thinc.compat.has_torch, "torch": torch.__version__,
+                  "chunks": [chunk.text for chunk in doc.noun_chunks]}))
+"""
+
+
+def _probe(name: str) -> dict:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE, name], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_default_pipeline_loads_without_torch_and_a_named_folder_as_spacy_does():
+    """The default pipeline is loaded without thinc importing torch (1.7-2 s of every parse
+    actor's start); torch stays importable after. A pipeline named by folder (it could be a
+    transformer) gets spaCy's usual import, torch included. Same parse either way."""
+    default = _probe("")
+    assert default["torch_at_load"] is False and default["thinc_torch"] is False and default["torch"]
+    package = __import__(find_pipeline())
+    folder = next(Path(package.__file__).parent.glob(f"{find_pipeline()}-*"))
+    named = _probe(str(folder))
+    assert named["torch_at_load"] is True and named["thinc_torch"] is True
+    assert default["chunks"] == named["chunks"] and "an umbrella" in default["chunks"]
