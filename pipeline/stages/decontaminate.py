@@ -232,7 +232,9 @@ def decontaminate_command(
     against: list[str] = typer.Option(..., "--against", help="Evaluation images: files, folders, globs or WebDataset shards (repeatable)."),
     out: str = typer.Option(..., "--out", help="Output folder: {shard}.tar without the matches, matches.parquet/, _stats.json."),
     max_distance: int = typer.Option(DEFAULT_MAX_DISTANCE, "--max-distance", min=0, max=64, help="Most bits (of 64) apart on both pHash and dHash for a match."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Actors, fixed (default: one per CPU, more on nodes that join)."
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:

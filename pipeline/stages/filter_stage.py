@@ -122,7 +122,9 @@ def filter_command(
     max_box_frac: Optional[float] = _F["max_box_frac"],
     keep_empty: Optional[bool] = _F["keep_empty"],
     assign: Optional[str] = _F["assign"],
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Actors, fixed (default: one per CPU, more on nodes that join)."
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:

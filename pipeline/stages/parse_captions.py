@@ -191,7 +191,9 @@ def parse_captions_command(
     ),
     out: str = typer.Option(..., "--out", help="Output folder: {shard}.parquet per input shard and _stats.json."),
     mode: CaptionMode = typer.Option(CaptionMode.noun_chunks, "--mode", help="Phrase extractor."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="spaCy actors (default: one per CPU)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="spaCy actors, fixed (default: one per CPU, more on nodes that join)."
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
     caption_column: str = typer.Option("caption", "--caption-column", help="Parquet inputs: caption column."),

@@ -351,7 +351,9 @@ def pseudo_label_command(
     phrase_score: str = typer.Option(
         "mean", "--phrase-score", help="A phrase's score from its tokens' probabilities: mean (official) or max."
     ),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Actors (default: one per CPU or GPU)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Actors, fixed (default: one per CPU or GPU, more on nodes that join)."
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: embedded local Ray)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo shards whose output exists."),
 ) -> None:

@@ -8,7 +8,9 @@ Contract (DESIGN.md, STYLE.md 5):
    several small shards per block (`block_count`: a block's fixed cost is paid once per
    block, not per shard), `map_batches` over a callable actor class (`ShardActor`, built
    once per actor from the stage's picklable `worker_factory`), `batch_size=1` shard per call,
-   a fixed pool of `workers` actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`. The worker reads its
+   a pool of actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`: `workers` of
+   them with `--workers`, else one per CPU (GPU) the cluster has at the start, growing onto
+   nodes that join while shards wait. The worker reads its
    shard, writes the outputs (data first, marker last) and returns a `ShardReport`; an
    exception in one shard becomes that shard's `error`, the job goes on. Failed shards are
    run again in up to `StageRun.retries` more passes (fresh actors); a shard still failing
@@ -185,7 +187,7 @@ def run_stage(
                     watch.submitting(task.shard_id for task in attempt_tasks)
                     reports = run_on_ray(
                         attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory,
-                        ledger=watch.ledger,
+                        ledger=watch.ledger, elastic=not run.workers,
                     )
                     for report in watch.follow(reports):
                         if startup_seconds is None:
@@ -230,22 +232,31 @@ def run_stage(
 
 
 def run_on_ray(
-    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker], ledger=None
+    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker], ledger=None,
+    elastic: bool = False,
 ) -> Iterator[ShardReport]:
-    """Reports of `tasks` processed by `workers` Ray Data actors, in completion order; each
-    actor tells `ledger` (a `cluster_events.ShardLedger` actor, optional) the shards it starts."""
+    """Reports of `tasks` processed by Ray Data actors, in completion order; each actor tells
+    `ledger` (a `cluster_events.ShardLedger` actor, optional) the shards it starts.
+
+    The pool starts with `workers` actors. Fixed at that size (`--workers` given), or `elastic`:
+    Ray Data's actor autoscaler adds actors while shards wait and the cluster has room for
+    them (a node that joins mid-stage, or an autoscaler asked for more), up to one per block."""
     import ray
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = run.show_ray_progress
     blocks = block_count(len(tasks), workers=workers, max_shards_per_block=run.max_shards_per_block)
+    if elastic:
+        compute = ray.data.ActorPoolStrategy(min_size=workers, max_size=max(workers, blocks))
+    else:
+        compute = ray.data.ActorPoolStrategy(size=workers)
     dataset = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=blocks)
     reports = dataset.map_batches(
         ShardActor,
         fn_constructor_kwargs={"worker_factory": worker_factory, "ledger": ledger},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=compute,
         num_cpus=run.num_cpus,
         num_gpus=run.num_gpus or None,
     )
