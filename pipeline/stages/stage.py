@@ -187,7 +187,7 @@ def run_stage(
                     watch.submitting(task.shard_id for task in attempt_tasks)
                     reports = run_on_ray(
                         attempt_tasks, run=run, workers=min(workers, len(attempt_tasks)), worker_factory=worker_factory,
-                        ledger=watch.ledger, elastic=not run.workers,
+                        ledger=watch.ledger,
                     )
                     for report in watch.follow(reports):
                         if startup_seconds is None:
@@ -232,24 +232,24 @@ def run_stage(
 
 
 def run_on_ray(
-    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker], ledger=None,
-    elastic: bool = False,
+    tasks: Sequence[ShardTask], *, run: StageRun, workers: int, worker_factory: Callable[[], ShardWorker], ledger=None
 ) -> Iterator[ShardReport]:
     """Reports of `tasks` processed by Ray Data actors, in completion order; each actor tells
     `ledger` (a `cluster_events.ShardLedger` actor, optional) the shards it starts.
 
-    The pool starts with `workers` actors. Fixed at that size (`--workers` given), or `elastic`:
-    Ray Data's actor autoscaler adds actors while shards wait and the cluster has room for
-    them (a node that joins mid-stage, or an autoscaler asked for more), up to one per block."""
+    The pool starts with `workers` actors. Fixed at that size when `run.workers` is given
+    (`--workers`), else elastic: Ray Data's actor autoscaler adds actors while shards wait and
+    the cluster has room for them (a node that joins mid-stage, or an autoscaler asked for
+    more), up to one per block."""
     import ray
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = run.show_ray_progress
     blocks = block_count(len(tasks), workers=workers, max_shards_per_block=run.max_shards_per_block)
-    if elastic:
-        compute = ray.data.ActorPoolStrategy(min_size=workers, max_size=max(workers, blocks))
-    else:
+    if run.workers:
         compute = ray.data.ActorPoolStrategy(size=workers)
+    else:
+        compute = ray.data.ActorPoolStrategy(min_size=workers, max_size=max(workers, blocks))
     dataset = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=blocks)
     reports = dataset.map_batches(
         ShardActor,
