@@ -31,3 +31,18 @@ def test_help_tables_show_whole_flag_names_at_80_columns() -> None:
         flags = {flag for param in command.params for flag in (*param.opts, *param.secondary_opts) if flag.startswith("-")}
         assert flags <= shown, (path, sorted(flags - shown))
         assert "…" not in result.output and max(map(len, result.output.splitlines())) <= 80, path
+
+
+def test_the_cli_and_parse_captions_start_without_torch() -> None:
+    """`pipeline --help` and `parse-captions` have no use for PyTorch (1.3 s and ~600 MB to
+    import): the verbs that run a model import it when they run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+        "result = CliRunner().invoke(app, ['parse-captions', '--help']); "
+        "print(result.exit_code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", "False"], done.stdout + done.stderr

@@ -18,9 +18,12 @@ weights once and never re-hashes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from model.teachers.teacher import TeacherIdentity
 from pipeline.io import storage
+
+if TYPE_CHECKING:  # imports torch: not for `pipeline --help` or parse-captions
+    from model.teachers.teacher import TeacherIdentity
 
 HF_PREFIX = "hf:"
 
@@ -61,6 +64,7 @@ def inspect_teacher(
 
 
 def _inspect_glip(uri: str, *, config: str, min_size: int | None, max_size: int | None) -> TeacherSource:
+    from model.teachers.teacher import TeacherIdentity
     from model.weights.checkpoint import inspect_checkpoint
 
     if storage.is_dir(uri):
