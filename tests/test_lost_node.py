@@ -219,31 +219,41 @@ def _wait_for_cpus(count: int, within_s: float = 60) -> None:
         time.sleep(0.2)
 
 
-def test_a_node_added_beside_a_working_one_takes_shards_without_workers(cluster, world, labels, monkeypatch):
+def test_a_node_added_beside_a_working_one_takes_shards_without_workers(cluster, world, labels, monkeypatch, tmp_path):
     """Without `--workers` the pool starts at one actor per CPU the cluster has (the one worker
-    node's) and grows onto a node that joins while shards wait: both nodes write shards. Ray
-    Data sees a joined node at its autoscaling coordinator's next tick (every 20 s), and the new
-    actor takes only shards no actor holds (Ray Data gives an actor two at a time). So the
-    first node's worker waits 14 s per shard (`PIPELINE_TESTING_SHARD_DELAY_S` reaches a node's
-    workers from its raylet's start): when the node joins, after the first shard, three shards
-    wait, the last for 42 s more, room for the tick and the new actor's start (~5-15 s)."""
-    # With 8 s a shard it failed in CI (first in the module, as here) and in a local probe, where
-    # the coordinator reserved the joined node for the stage 18 s after it joined: too late.
+    node's) and grows onto a node that joins while shards wait: both nodes write shards.
+
+    The first node's worker runs one shard, then is held (`PIPELINE_TESTING_SHARD_GATE`, which
+    reaches a node's workers from its raylet's start) until a second shard is written, which
+    only the joined node's worker can write, or for 180 s. Ray Data sees a joined node at its
+    autoscaling coordinator's next tick (every 20 s) and gives the new actor only shards no
+    actor holds; a fixed delay per shard (8 s, then 14 s) left that to timing and failed in CI."""
     from pipeline.stages.pseudo_label import run_pseudo_label
 
     while cluster.workers:
         cluster.lose()
-    monkeypatch.setenv("PIPELINE_TESTING_SHARD_DELAY_S", "14.0")
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("PIPELINE_TESTING_SHARD_GATE", str(gate))
     first = cluster.add()
     cluster.workers.append(first)
-    monkeypatch.setenv("PIPELINE_TESTING_SHARD_DELAY_S", "1.0")  # the joined node's workers
+    monkeypatch.delenv("PIPELINE_TESTING_SHARD_GATE")  # the joined node's workers are not held
     _wait_for_cpus(1)  # the removed nodes out of the cluster's resources: the pool starts at 1
     out = world["root"] / "labels_beside"
+
+    def open_gate() -> None:
+        deadline = time.monotonic() + 180
+        while len(list(out.glob("pseudo/*.tar"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gate.touch()
+
+    opener = threading.Thread(target=open_gate, daemon=True)
+    opener.start()
     stats, text, _, added = _disturbed(
         lambda stream: run_pseudo_label(_pseudo_config(world, out, cluster.address, workers=None), progress_stream=stream),
         cluster, "pseudo/*.tar", out, lose=False, add=True,
     )
-    cluster.lose(first)  # the slow one goes; the module's next tests get 1 s nodes
+    gate.touch()
+    cluster.lose(first)  # the held one goes; the module's next tests get free nodes
     cluster.restore()
     assert not isinstance(stats, BaseException), stats
     assert _files(out) == _files(world["root"] / "labels")

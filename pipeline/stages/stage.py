@@ -281,6 +281,8 @@ class ShardActor:
         self.worker = worker_factory()
         self.starts = StartNotifier(ledger)
         self.delay_s = testing_shard_delay()
+        self.gate = os.environ.get("PIPELINE_TESTING_SHARD_GATE", "").strip()
+        self.shards_run = 0
 
     def __call__(self, batch: dict[str, object]) -> dict[str, list[str]]:
         tasks = [ShardTask.from_json(str(text)) for text in batch["task"]]  # type: ignore[union-attr]
@@ -289,7 +291,10 @@ class ShardActor:
             self.starts.started(task.shard_id)
             if self.delay_s:
                 time.sleep(self.delay_s)
+            if self.gate and self.shards_run:
+                wait_for_testing_gate(self.gate)
             reports.append(run_shard(self.worker, task).to_json())
+            self.shards_run += 1
         return {"report": reports}
 
 
@@ -300,6 +305,17 @@ def testing_shard_delay() -> float:
     a few tiny shards would not. Never set it for real work."""
     value = os.environ.get("PIPELINE_TESTING_SHARD_DELAY_S", "").strip()
     return max(0.0, float(value)) if value else 0.0
+
+
+def wait_for_testing_gate(path: str, within_s: float = 300.0) -> None:
+    """Fault injection for tests: a worker whose environment names a file in
+    `PIPELINE_TESTING_SHARD_GATE` runs its first shard, then waits before each later one until
+    that file exists (at most `within_s`). A test holds one node's worker this way while it
+    checks that a node joining mid-stage takes the waiting shards, without betting on timing.
+    Never set it for real work."""
+    deadline = time.monotonic() + within_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def run_shard(worker: ShardWorker, task: ShardTask) -> ShardReport:
