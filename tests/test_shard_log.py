@@ -52,8 +52,11 @@ def test_parts_are_folded_voided_and_merged(tmp_path: Path) -> None:
     latest.merge(["a", "b", "c"])  # "b" has no report, "c" its old one
     lines = (tmp_path / LOG_FILE).read_text().splitlines()
     assert [json.loads(line)["shard_id"] for line in lines[1:]] == ["a", "c"]
+    # Held in the driver for the whole run: nothing the task gives back, no empty field.
+    assert set(json.loads(lines[2])) == {"shard_id", "samples", "written", "seconds"}, lines[2]
     assert not (tmp_path / PARTS_FOLDER).exists()
-    assert ShardLog.load(str(tmp_path)).report(_task("c", tmp_path)).samples == 3
+    restored = ShardLog.load(str(tmp_path)).report(_task("c", tmp_path))
+    assert (restored.samples, restored.input_uri, restored.error, restored.skipped) == (3, "in/c.tar", None, {})
 
 
 def test_block_count_shares_blocks_only_when_every_worker_keeps_many() -> None:
@@ -104,7 +107,7 @@ def test_overwrite_replaces_reports_and_a_killed_runs_parts_count(ray_cluster, s
     part = ShardLog(str(out))
     (out / LOG_FILE).unlink()
     for shard_id, line in log.lines.items():
-        part.record(ShardReport.from_json(line))
+        part.record(ShardReport(**json.loads(line), input_uri="", output_uri=None))  # a log line names neither
     part.flush()
     assert run_parse_captions(config(shard_folder, out), progress_stream=io.StringIO())["samples"] == first["samples"]
     assert not (out / PARTS_FOLDER).exists() and (out / LOG_FILE).exists()

@@ -315,7 +315,9 @@ class ClusterWatch:
         with self._lock:
             for shard_id, node_id, actor_id in starts:
                 history = self._starts.setdefault(shard_id, [])
-                history.append((node_id, actor_id))
+                # Interned: a node's and an actor's id are one string each, not one per shard
+                # (~190 bytes a shard, 19 MB of the driver at 10^5 shards).
+                history.append((sys.intern(node_id), sys.intern(actor_id)))
                 if len(history) <= self._expected.get(shard_id, 1):
                     continue
                 self.counts.shards_rerun += 1
