@@ -9,8 +9,9 @@ Files in the stage's output folder (`StageRun.out`):
 * `_shards.jsonl`: a header line `{"merged_through": PART}` (the last part folded in), then one
   `ShardReport` JSON per finished shard, in shard-id order, without what follows from the
   shard id (`input_uri`, `output_uri`) and without empty fields (no error, no skips): the log
-  is held in the driver for the run (~190 bytes a shard rather than ~340). Rewritten atomically (a whole new file renamed over the old one) at the
-  end of every run that changed it.
+  is held in the driver for the run (~190 bytes a shard rather than ~340). Rewritten
+  atomically (a whole new file renamed over the old one) at the end of every run that
+  changed it.
 * `_shards.parts/{run}-{seq}.jsonl`: while a run goes, the reports of shards finished since
   the previous part, each part written atomically every `flush_every` reports or
   `flush_seconds`. A killed run so loses at most the last few seconds of reports, and those

@@ -5,8 +5,8 @@ Contract (DESIGN.md, STYLE.md 5):
    `{out}/{shard}{suffix}` exists (the last file its worker writes, atomically); done shards
    are skipped unless `overwrite`. Temporaries left by a killed run are removed.
 2. `run_stage`: run each pending shard through a worker on Ray Data: a Dataset of task
-   indexes (the tasks themselves reach each actor once, packed), several small shards per block (`block_count`: a block's fixed cost is paid once per
-   block, not per shard), `map_batches` over a callable actor class (`ShardActor`, built
+   indexes (the tasks themselves reach each actor once, packed), several small shards per
+   block (`block_count`: a block's fixed cost is paid once per block, not per shard), `map_batches` over a callable actor class (`ShardActor`, built
    once per actor from the stage's picklable `worker_factory`), `batch_size=1` shard per call,
    a pool of actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`: `workers` of
    them with `--workers`, else one per CPU (GPU) the cluster has at the start, growing onto
