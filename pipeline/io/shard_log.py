@@ -30,6 +30,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import asdict
 
 from pipeline.io import storage
 from pipeline.io.shard_report import ShardReport, ShardTask
@@ -105,7 +106,7 @@ class ShardLog:
         """Add a finished shard's report; writes a part when enough have gathered."""
         line = json.dumps(
             {
-                key: value for key, value in json.loads(report.to_json()).items()
+                key: value for key, value in asdict(report).items()
                 if key not in ("input_uri", "output_uri") and value not in (None, {})
             },
             sort_keys=True,

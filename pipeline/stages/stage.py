@@ -6,8 +6,9 @@ Contract (DESIGN.md, STYLE.md 5):
    are skipped unless `overwrite`. Temporaries left by a killed run are removed.
 2. `run_stage`: run each pending shard through a worker on Ray Data: a Dataset of task
    indexes (the tasks themselves reach each actor once, packed), several small shards per
-   block (`block_count`: a block's fixed cost is paid once per block, not per shard), `map_batches` over a callable actor class (`ShardActor`, built
-   once per actor from the stage's picklable `worker_factory`), `batch_size=1` shard per call,
+   block (`block_count`: a block's fixed cost is paid once per block, not per shard),
+   `map_batches` over a callable actor class (`ShardActor`, built once per actor from the
+   stage's picklable `worker_factory`), `batch_size=1` shard per call,
    a pool of actors (`ActorPoolStrategy`) with explicit `num_cpus`/`num_gpus`: `workers` of
    them with `--workers`, else one per CPU (GPU) the cluster has at the start, growing onto
    nodes that join while shards wait. The worker reads its
@@ -253,6 +254,7 @@ def run_on_ray(
         compute = ray.data.ActorPoolStrategy(min_size=workers, max_size=max(workers, blocks))
     # Rows are task indexes; the tasks reach each actor once, packed (~9 bytes a shard instead
     # of ~250 in rows, and a row list the driver never builds: ~65 MB of its peak at 10^5).
+    # `from_items`, not `ray.data.range`: range's read tasks wait for CPUs the pool holds.
     dataset = ray.data.from_items(list(range(len(tasks))), override_num_blocks=blocks)
     reports = dataset.map_batches(
         ShardActor,
